@@ -1,0 +1,125 @@
+"""The `tether` command: one subcommand per recipe, plus demo, eval, generate and pipeline.
+
+    tether sft --config run.yaml learning_rate=3e-4 lora.r=8
+    tether sft --help
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from tether.config import ConfigError, config_help, load_config
+
+# subcommand → "module:ConfigClass:train_function"; modules are imported only when their command runs.
+RECIPES = {
+    "sft": "tether.recipes.sft:SFTConfig:train",
+    "rm": "tether.recipes.reward_model:RewardModelConfig:train",
+    "dpo": "tether.recipes.dpo:DPOConfig:train",
+    "grpo": "tether.recipes.grpo:GRPOConfig:train",
+    "ppo": "tether.recipes.ppo:PPOConfig:train",
+    "best-of-n": "tether.recipes.best_of_n:BestOfNConfig:run",
+    "rft": "tether.recipes.rft:RFTConfig:train",
+    "distill": "tether.recipes.distill:DistillConfig:train",
+}
+# subcommand → "module:function(argv) -> int"
+TOOLS = {
+    "generate": "tether.generate:generate_main",
+    "eval": "tether.eval.cli:eval_main",
+    "pipeline": "tether.pipeline:pipeline_main",
+    "demo": "tether.demo:demo_main",
+}
+
+USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
+
+Training recipes (each takes a YAML config and/or key=value overrides; --help lists every option):
+  sft         supervised fine-tuning on demonstrations
+  rm          Bradley-Terry reward model on preference pairs
+  dpo         DPO and its family (ipo, cdpo, robust, hinge, simpo, orpo, kto) on preferences
+  grpo        GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE with reward functions
+  ppo         PPO with a critic and GAE
+  best-of-n   sample N per prompt, keep the best by reward
+  rft         rejection-sampling fine-tuning (offline or iterative)
+  distill     distil a teacher into a student
+Tools:
+  generate    sample completions from a model
+  eval        pass@k, maj@k, reward-model accuracy, win rate, reward scores
+  pipeline    run a multi-stage recipe (e.g. DeepSeek-R1, InstructGPT) from one YAML
+  demo        the whole pipeline on the built-in tiny model, on this CPU
+"""
+
+
+def _split(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    config_path, overrides, want_help = None, [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg in ("-c", "--config"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            config_path = argv[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "=" in arg:
+            overrides.append(arg[2:])
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: options are given as key=value (see --help)")
+        i += 1
+    return config_path, overrides, want_help
+
+
+def load_recipe(command: str):
+    module_name, config_name, function_name = RECIPES[command].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, function_name)
+
+
+def run_recipe(command: str, argv: list[str]) -> int:
+    config_cls, train = load_recipe(command)
+    config_path, overrides, want_help = _split(argv)
+    if want_help:
+        doc = (config_cls.__doc__ or "").strip()
+        print(f"usage: tether {command} [--config FILE.yaml] [key=value ...]\n\n{doc}\n\noptions:")
+        print(config_help(config_cls))
+        return 0
+    config = load_config(config_cls, config_path, overrides)
+    result = train(config)
+    if result is not None:
+        print(f"done: {result}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in RECIPES:
+            return run_recipe(command, rest)
+        if command in TOOLS:
+            module_name, function_name = TOOLS[command].split(":")
+            return getattr(importlib.import_module(module_name), function_name)(rest) or 0
+    except ConfigError as err:
+        print(f"tether {command}: config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        if type(err).__name__ in ("DataError", "RewardContractError", "CodeTestsError", "FileNotFoundError"):
+            print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+        raise
+    import difflib
+
+    close = difflib.get_close_matches(command, list(RECIPES) + list(TOOLS), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    print(f"tether: unknown command {command!r}.{hint}\n\n{USAGE}", file=sys.stderr)
+    return 2

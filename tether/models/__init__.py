@@ -1,0 +1,110 @@
+"""Load causal LMs and tokenizers by path or hub name (or `tiny`), add LoRA, save Hugging Face folders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from tether.models.tiny import tiny_model, tiny_tokenizer
+
+TINY = "tiny"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter options (Hu et al. 2021); `r = 0` means no LoRA, full fine-tuning."""
+
+    r: int = 0
+    """Rank of the low-rank update; 0 disables LoRA."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that receive adapters (e.g. q_proj, v_proj; "all-linear" for every linear layer)."""
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of `name` (`tiny`, a local folder or a hub name), with a pad token guaranteed."""
+    if name == TINY:
+        return tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+         lora: LoraConfig | None = None, seed: int = 0):
+    """Return `(model, tokenizer)` for a causal LM.
+
+    `name` is `tiny` (the built-in model, freshly initialised with `seed`), a local folder written by
+    `save_pretrained` (a LoRA adapter folder is loaded onto its base model), or a hub name.
+    """
+    tokenizer = load_tokenizer(name)
+    if name == TINY:
+        model = tiny_model(tokenizer, seed=seed)
+    else:
+        if not os.path.isdir(name) and "/" not in name:
+            raise FileNotFoundError(f"model {name!r}: not a folder, not a hub name (owner/model), and not 'tiny'")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+    if dtype is not None:
+        model = model.to(dtype)
+    if lora is not None and lora.r > 0:
+        model = add_lora(model, lora)
+    if device is not None:
+        model = model.to(device)
+    return model, tokenizer
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig):
+    """Wrap `model` with trainable LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def unwrap(model):
+    """The model under DDP / FSDP / torch.compile wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def save(model, tokenizer, path: str | Path, *, merge_lora: bool = False) -> None:
+    """Write a Hugging Face folder (safetensors). LoRA models save the adapter, or the merged model."""
+    model = unwrap(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if merge_lora and is_peft(model):
+        model = model.merge_and_unload()
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def load_adapter(base: str, adapter_dir: str | Path, *, merge: bool = False):
+    """Load a LoRA adapter folder onto the base model `base`; optionally merge it into the weights."""
+    from peft import PeftModel
+
+    model, tokenizer = load(base)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if merge:
+        model = model.merge_and_unload()
+    return model, tokenizer

@@ -1,0 +1,123 @@
+"""Supervised fine-tuning (teacher forcing): maximise the mean log-likelihood of the demonstration tokens.
+
+    J_sft(θ) = E_(s,a) [ 1/|a| Σ_k log π_θ(a_k | s, a_<k) ]
+
+Read top to bottom: load model and data → for each step: forward the batch, mean NLL over the
+completion tokens of the whole (global) batch, backward, one optimizer step → log, checkpoint → save.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tether import models
+from tether.config import TrainConfig
+from tether.data.batching import BatchOrder, collate_sft, split_micro_batches
+from tether.data.loading import load_rows
+from tether.data.sft import build_sft_examples
+from tether.losses import sft_loss
+from tether.ops import model_token_logprobs
+from tether.runtime import distributed
+from tether.runtime.run import Run, autocast
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on demonstrations."""
+
+    train_on: Literal["completion", "last", "all"] = "completion"
+    """Tokens that carry the loss: completion / assistant turns, only the last assistant turn, or all."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: message lists use the tokenizer's chat template, plain strings are used as is;
+    always: strings are wrapped as a user message too; never: no template."""
+    eval_steps: int = 0
+    """Evaluate the loss on eval_data every N steps (0: only at the end)."""
+
+    def validate(self) -> None:
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            from tether.config import ConfigError
+
+            raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
+
+
+def train(config: SFTConfig) -> Path:
+    """Run SFT as configured; returns the `final/` model folder."""
+    run = Run(config)
+    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
+    model.to(run.device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    rows = load_rows(config.data, config.data_split)
+    examples, stats = build_sft_examples(rows, tokenizer, source=config.data, max_length=config.max_length,
+                                         overlong=config.overlong, train_on=config.train_on,
+                                         chat_template=config.chat_template)
+    log.info(stats.summary(config.data))
+    eval_examples = []
+    if config.eval_data:
+        eval_examples, _ = build_sft_examples(load_rows(config.eval_data, config.data_split), tokenizer,
+                                              source=config.eval_data, max_length=config.max_length,
+                                              overlong=config.overlong, train_on=config.train_on,
+                                              chat_template=config.chat_template)
+
+    order = BatchOrder(len(examples), config.batch_size, config.seed)
+    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+    optimizer, scheduler = run.optimizer(model, total_steps)
+    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
+    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+
+    model.train()
+    for step in range(start_step, total_steps):
+        global_batch = order.batch(step)
+        # Divide by the completion tokens of the whole global batch, so the result does not depend on
+        # how the batch is split into micro-batches or ranks.
+        num_tokens = sum(sum(examples[i].loss_mask[1:]) for i in global_batch)
+        total_loss = torch.zeros(())
+        for micro in split_micro_batches(distributed.shard(global_batch), micro_size):
+            batch = {k: v.to(run.device) for k, v in collate_sft([examples[i] for i in micro],
+                                                                 tokenizer.pad_token_id).items()}
+            with autocast(run):
+                logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
+            loss, _ = sft_loss(logprobs, batch["loss_mask"], num_tokens=num_tokens)
+            # DDP averages gradients over ranks; each rank's loss is already a share of the global mean.
+            (loss * distributed.world_size()).backward()
+            total_loss += loss.detach().float().cpu()
+        grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
+        metrics = {"loss": distributed.all_reduce_sum(total_loss), "grad_norm": grad_norm,
+                   "num_tokens": num_tokens}
+        if eval_examples and config.eval_steps and (step + 1) % config.eval_steps == 0:
+            metrics["eval_loss"] = evaluate_loss(model, eval_examples, tokenizer, micro_size, run.device)
+        tokens = sum(len(examples[i].input_ids) for i in global_batch)
+        run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=tokens)
+
+    if eval_examples:
+        eval_loss = evaluate_loss(model, eval_examples, tokenizer, micro_size, run.device)
+        log.info("eval loss after training: %.4f", eval_loss)
+        if run.main:
+            (run.dir / "eval.json").write_text(f'{{"eval_loss": {eval_loss}}}\n')
+    return run.finish(model, tokenizer)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, tokenizer, batch_size: int, device) -> float:
+    """Mean negative log-likelihood per learned token over `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(examples[start: start + batch_size],
+                                                         tokenizer.pad_token_id).items()}
+        logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        total += float(-(logprobs * batch["loss_mask"]).sum())
+        count += int(batch["loss_mask"].sum())
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,93 @@
+"""Run logging: one JSON line per step in metrics.jsonl, TensorBoard (and W&B if asked), a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tether")
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item() if value.numel() == 1 else value.detach().float().tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLogger:
+    """Writes metrics for rank 0 only; every other rank gets a logger that writes nothing."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int = 0, report_to=("tensorboard",),
+                 progress: bool = True, enabled: bool = True, config: dict | None = None):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.tensorboard = self.wandb = self.bar = None
+        if not enabled:
+            return
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a" if start_step else "w")
+        if start_step:
+            self._truncate_after(start_step)
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("report_to includes wandb but it is not installed: pip install wandb") from None
+            self.wandb = wandb.init(dir=str(run_dir), config=config, resume="allow")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        self.start_time = time.time()
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop metrics lines written after the checkpoint so the file equals an unbroken run."""
+        self.metrics_file.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.metrics_file = open(path, "a")
+
+    def log(self, step: int, metrics: dict) -> dict:
+        if not self.enabled:
+            return {}
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if self.tensorboard is not None:
+                    self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        if self.bar is not None:
+            shown = {k: row[k] for k in ("loss", "reward_mean") if isinstance(row.get(k), (int, float))}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        return row
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.bar is not None:
+            self.bar.close()
