@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No network here or in CI: fail fast instead of retrying hub requests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 

@@ -194,7 +194,8 @@ def _coerce(value: Any, tp, key: str):
 
 def _unknown_key(cls, key: str, prefix: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5) or [
+        n for n in names if key.startswith(n) or n.startswith(key)][:1]
     hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{prefix}{key}'.{hint} Run with --help to list the valid keys.")
 

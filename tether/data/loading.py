@@ -86,7 +86,7 @@ def _read_table(path: Path, suffix: str) -> list[dict]:
     import pandas as pd
 
     try:
-        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False, dtype=str)
     except Exception as err:  # pandas raises many types for a broken file
         raise DataError(str(path), f"cannot read {suffix[1:]} file: {err}") from None
     return [_plain(row) for row in frame.to_dict(orient="records")]

@@ -8,10 +8,29 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from tether.models.tiny import tiny_model, tiny_tokenizer
 
 TINY = "tiny"
+
+# Hugging Face's per-file progress bars ("Loading weights", "Writing model shards") drown the run's own bar.
+hf_logging.disable_progress_bar()
+
+
+def parse_tiny(name: str) -> dict | None:
+    """`tiny` → {}; `tiny:hidden_size=64,num_hidden_layers=2` → those overrides; anything else → None."""
+    if name == TINY:
+        return {}
+    if not name.startswith(TINY + ":"):
+        return None
+    overrides = {}
+    for item in name[len(TINY) + 1:].split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"model {name!r}: expected tiny:key=int,key=int (e.g. tiny:hidden_size=64), got {item!r}")
+        overrides[key.strip()] = int(value)
+    return overrides
 
 
 @dataclass
@@ -28,10 +47,16 @@ class LoraConfig:
     """Module names that receive adapters (e.g. q_proj, v_proj; "all-linear" for every linear layer)."""
 
 
+def check_model_name(name: str) -> None:
+    if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/"))):
+        raise FileNotFoundError(f"model {name!r}: not a folder, not a hub name (owner/model), and not 'tiny'")
+
+
 def load_tokenizer(name: str):
     """The tokenizer of `name` (`tiny`, a local folder or a hub name), with a pad token guaranteed."""
-    if name == TINY:
+    if parse_tiny(name) is not None:
         return tiny_tokenizer()
+    check_model_name(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -42,15 +67,15 @@ def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.dev
          lora: LoraConfig | None = None, seed: int = 0):
     """Return `(model, tokenizer)` for a causal LM.
 
-    `name` is `tiny` (the built-in model, freshly initialised with `seed`), a local folder written by
+    `name` is `tiny` (the built-in model, freshly initialised with `seed`; `tiny:hidden_size=64,...` overrides
+    its size), a local folder written by
     `save_pretrained` (a LoRA adapter folder is loaded onto its base model), or a hub name.
     """
     tokenizer = load_tokenizer(name)
-    if name == TINY:
-        model = tiny_model(tokenizer, seed=seed)
+    tiny_overrides = parse_tiny(name)
+    if tiny_overrides is not None:
+        model = tiny_model(tokenizer, seed=seed, **tiny_overrides)
     else:
-        if not os.path.isdir(name) and "/" not in name:
-            raise FileNotFoundError(f"model {name!r}: not a folder, not a hub name (owner/model), and not 'tiny'")
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     if dtype is not None:
         model = model.to(dtype)

@@ -1,0 +1,79 @@
+"""Config: YAML + dotted overrides, strict keys with suggestions, typed values, --help text."""
+
+import pytest
+
+from tether.cli import main
+from tether.config import ConfigError, config_help, load_config, parse_override
+from tether.recipes.sft import SFTConfig
+
+
+def test_yaml_and_overrides_compose(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\nlearning_rate: 3.0e-4\nlora:\n  r: 4\n")
+    config = load_config(SFTConfig, path, ["learning_rate=1e-3", "lora.alpha=8", "batch_size=4"])
+    assert config.learning_rate == 1e-3
+    assert config.lora.r == 4 and config.lora.alpha == 8.0
+    assert config.batch_size == 4 and isinstance(config.batch_size, int)
+
+
+def test_unknown_key_names_it_and_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat'\. Did you mean 'learning_rate'\?"):
+        load_config(SFTConfig, None, ["learning_rat=0.1"])
+
+
+def test_unknown_nested_key_names_the_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora\.rank'\. Did you mean 'lora\.r'\?"):
+        load_config(SFTConfig, None, ["lora.rank=8"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=eight", "config key 'batch_size': expected int, got 'eight'"),
+    ("learning_rate=fast", "config key 'learning_rate': expected float, got 'fast'"),
+    ("resume=maybe", "config key 'resume': expected bool, got 'maybe'"),
+    ("lr_scheduler=step", "config key 'lr_scheduler': expected one of 'cosine' | 'linear' | 'constant', got 'step'"),
+    ("overlong=cut", "config key 'overlong': expected one of 'error' | 'truncate' | 'drop', got 'cut'"),
+])
+def test_bad_values_name_key_and_expectation(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, None, [override])
+    assert str(info.value) == message
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="micro_batch_size': 3 must divide batch_size=8"):
+        load_config(SFTConfig, None, ["batch_size=8", "micro_batch_size=3"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of keys, got list"):
+        load_config(SFTConfig, bad)
+
+
+def test_override_parsing():
+    assert parse_override("a.b=1e-4") == ("a.b", 1e-4)
+    assert parse_override("x=[1, 2]") == ("x", [1, 2])
+    assert parse_override("flag=true") == ("flag", True)
+    assert parse_override("data=train.jsonl") == ("data", "train.jsonl")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("learning_rate")
+
+
+def test_help_lists_every_option_with_default_and_doc(capsys):
+    text = config_help(SFTConfig)
+    for name in ("learning_rate", "lora.r", "lora.target_modules", "train_on", "overlong", "resume", "keep_last"):
+        assert f"  {name} (" in text
+    assert "default 0.0001" in text  # learning_rate
+    assert "Peak learning rate of AdamW." in text
+    assert main(["sft", "--help"]) == 0
+    assert "Tokens that carry the loss" in capsys.readouterr().out
+
+
+def test_cli_reports_config_errors_before_work(capsys, tmp_path):
+    code = main(["sft", f"output_dir={tmp_path}/run", "lerning_rate=1"])
+    assert code == 2
+    assert "Did you mean 'learning_rate'?" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # stopped before any work
