@@ -1,0 +1,173 @@
+"""The `math` reward: final-answer extraction, equivalence via math-verify, the hard per-item time limit."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tether.rewards import RewardSet, RewardSetupError, get_reward
+from tether.rewards.math import extract_answer
+
+# (completion, reference answer, expected score)
+CASES = [
+    # equivalent forms
+    (r"so \boxed{\frac{1}{2}}", "0.5", 1.0),
+    (r"\boxed{0.5}", "1/2", 1.0),
+    (r"\boxed{1/2}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{\dfrac{1}{2}}", "0.5", 1.0),
+    (r"\boxed{50\%}", "0.5", 1.0),
+    (r"\boxed{\frac{3}{4}}", "0.75", 1.0),
+    (r"\boxed{3.0}", "3", 1.0),
+    (r"\boxed{2^{10}}", "1024", 1.0),
+    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", 1.0),
+    (r"\boxed{x = 2}", "2", 1.0),
+    (r"the total is \boxed{1,000}", "1000", 1.0),
+    (r"\boxed{\pi}", r"\pi", 1.0),
+    (r"\boxed{(-\infty, 3]}", r"(-\infty,3]", 1.0),
+    # negative numbers and fractions
+    (r"\boxed{-3}", "-3", 1.0),
+    (r"\boxed{3}", "-3", 0.0),
+    (r"\boxed{-\frac{2}{3}}", "-2/3", 1.0),
+    ("the result is \u22125", "-5", 1.0),  # U+2212 minus sign, last-number fallback
+    # wrong answers
+    (r"\boxed{7}", "8", 0.0),
+    (r"\boxed{0.74}", "0.75", 0.0),
+    (r"\boxed{0.3333}", r"\frac{1}{3}", 0.0),  # math-verify rounds to 6 places
+    # only the final answer counts
+    (r"First 12, then 15, so \boxed{18}", "18", 1.0),
+    (r"First 12, then 15, so \boxed{18}", "12", 0.0),
+    (r"\boxed{5} wait, no: \boxed{6}", "5", 0.0),
+    (r"\boxed{5} wait, no: \boxed{6}", "6", 1.0),
+    ("3 apples and 4 pears make 7", "7", 1.0),
+    ("7 at first, but actually 9", "7", 0.0),
+    (r"\boxed{4} then \boxed{5", "4", 1.0),  # the last *complete* box
+    # nested braces
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt2}{2}", 1.0),
+    (r"\boxed{\frac{1}{\frac{1}{2}}}", "2", 1.0),
+    # answer tag
+    ("<think>3 + 4 = 7, or 8?</think>\n<answer>7</answer>", "7", 1.0),
+    ("<think>maybe 7</think><answer>8</answer>", "7", 0.0),
+    (r"<answer>\boxed{7}</answer>", "7", 1.0),
+    ("<answer>The answer is $42$.</answer>", "42", 1.0),
+    # missing answer
+    ("I do not know.", "7", 0.0),
+    ("", "7", 0.0),
+    # reference answer forms: GSM8K `####`, $...$, \boxed
+    (r"\boxed{72}", "Natalia sold 48 + 24 = 72 clips.\n#### 72", 1.0),
+    (r"\boxed{1/3}", r"$\frac{1}{3}$", 1.0),
+    (r"\boxed{1/3}", r"\boxed{\frac{1}{3}}", 1.0),
+    # chat-format completion (TRL conversational datasets)
+    ([{"role": "assistant", "content": r"\boxed{4}"}], "4", 1.0),
+]
+
+
+@pytest.fixture(scope="module")
+def math_reward():
+    reward = get_reward("math", timeout=5.0)
+    yield reward
+    reward.close()
+
+
+@pytest.fixture(scope="module")
+def case_scores(math_reward):
+    """All cases in one batch: one round-trip to the worker."""
+    return math_reward(["q"] * len(CASES), [c for c, _, _ in CASES], answer=[a for _, a, _ in CASES])
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[str(c)[:40] for c, _, _ in CASES])
+def test_math_cases(case_scores, index):
+    completion, answer, expected = CASES[index]
+    assert case_scores[index] == expected, (completion, answer)
+
+
+def test_at_least_thirty_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize(
+    "text, mode, expected",
+    [
+        (r"a \boxed{1} b \boxed{\frac{a}{b^{2}}} c", "boxed", r"\frac{a}{b^{2}}"),
+        (r"\boxed{\{1,2\}}", "boxed", r"\{1,2\}"),
+        (r"\fbox{9}", "boxed", "9"),
+        (r"\boxed 5", "boxed", "5"),
+        ("no box 3", "boxed", None),
+        (r"\boxed{unclosed", "boxed", None),
+        ("<answer> 12 </answer>", "answer_tag", "12"),
+        ("<answer>1</answer> <answer>2</answer>", "answer_tag", "2"),
+        ("<answer>open", "answer_tag", None),
+        ("x=3, y=1,234.5 and 7/8.", "last_number", "7/8"),
+        ("totals: 1,234,567", "last_number", "1234567"),
+        ("no digits", "last_number", None),
+        (r"<answer>4</answer> \boxed{5}", "auto", "4"),  # the answer tag wins in auto
+        (r"\boxed{5} and then 6", "auto", "5"),  # a box beats a later bare number
+        ("just 6.", "auto", "6"),
+    ],
+)
+def test_extract_answer(text, mode, expected):
+    assert extract_answer(text, mode) == expected
+
+
+def test_extract_answer_unknown_mode():
+    with pytest.raises(ValueError, match="extract mode must be one of"):
+        extract_answer("x", "boxd")
+
+
+def test_missing_answer_column_is_a_clear_error(math_reward):
+    with pytest.raises(RewardSetupError) as error:
+        math_reward(["q"], [r"\boxed{1}"], solution=["1"])
+    assert str(error.value) == (
+        "the math reward needs a 'answer' column with the reference answers; this batch has columns: "
+        "['solution']. Add it to the dataset or set answer_column."
+    )
+
+
+def test_missing_reference_is_none_not_zero(math_reward):
+    assert math_reward(["q", "q"], [r"\boxed{1}", r"\boxed{1}"], answer=[None, "1"]) == [None, 1.0]
+
+
+# 5^{5^{5^5}} has ~10^2184 digits: math-verify's comparison never finishes.
+TOWER = r"\boxed{5^{5^{5^5}}}"
+TIMEOUT = 1.0
+SLACK = 4.0  # killing the worker and starting a fresh one for the remaining items (~0.5 s idle)
+
+
+@pytest.fixture(scope="module")
+def fast_timeout_reward():
+    reward = get_reward("math", timeout=TIMEOUT)
+    assert reward(["q"], [r"\boxed{1}"], answer=["1"]) == [1.0]  # start the worker outside the timing
+    yield reward
+    reward.close()
+
+
+def test_pathological_answer_hits_the_time_limit(fast_timeout_reward):
+    """One slow item is None (a timeout), and the items after it are still judged correctly."""
+    start = time.monotonic()
+    scores = fast_timeout_reward(["q"] * 3, [TOWER, r"\boxed{3}", r"\boxed{4}"], answer=["3", "3", "3"])
+    elapsed = time.monotonic() - start
+    assert elapsed < TIMEOUT + SLACK
+    assert scores == [None, 1.0, 0.0]
+    assert fast_timeout_reward.stats["timeouts"] >= 1
+
+
+def test_time_limit_holds_in_a_worker_thread(fast_timeout_reward):
+    """math-verify's own timeouts use signals (main thread only); the worker process does not."""
+    timeouts_before = fast_timeout_reward.stats["timeouts"]
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        scores = pool.submit(fast_timeout_reward, ["q"], [TOWER], answer=["3"]).result()
+    assert time.monotonic() - start < TIMEOUT + SLACK
+    assert scores == [None]
+    assert fast_timeout_reward.stats["timeouts"] == timeouts_before + 1
+    assert fast_timeout_reward(["q"], [r"\boxed{2}"], answer=["2"]) == [1.0]  # recovers
+
+
+def test_none_from_math_makes_the_weighted_total_none(math_reward):
+    """A row math cannot judge (no reference) has no total; the other rows are weighted sums."""
+    rewards = RewardSet([math_reward, {"name": "format", "weight": 0.5}])
+    completions = ["<think>a</think><answer>3</answer>", "<think>a</think><answer>3</answer>", "3"]
+    result = rewards(["q"] * 3, completions, answer=[None, "3", "4"])
+    assert result.per_function == {"math": [None, 1.0, 0.0], "format": [1.0, 1.0, 0.0]}
+    assert result.total == [None, 1.5, 0.0]
+    assert result.none_count == {"math": 1, "format": 0}
+    assert result.metrics()["rewards/math/bad_reference"] >= 1
