@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from tether.rewards.user import load_user_reward
+from tether.data.loading import DataError
 
 RewardFn = Callable[..., list]
 """`reward(prompts, completions, **columns) -> list[float | None]`."""
@@ -203,7 +204,8 @@ def checked_reward(function: Callable, name: str, on_invalid: str = "raise") -> 
     - Inputs: `prompts`, `completions` and every list column must have the same length.
     - A raising function: the call is repeated row by row to find the row, and a
       `RewardFunctionError` names the function, the row and the exception text
-      (a `RewardSetupError`, which concerns the whole batch, passes through as is).
+      (a `RewardSetupError`, which concerns the whole batch, and a `DataError`, which names its own row,
+      pass through as they are).
     - Output: a list with one value per completion (else `RewardContractError`, always).
       Each value must be a finite number, a bool (read as 1.0/0.0) or None. An invalid value
       (NaN, inf, a string, ...) raises `RewardContractError` naming the function and the index;
@@ -226,8 +228,8 @@ def checked_reward(function: Callable, name: str, on_invalid: str = "raise") -> 
                 raise ValueError(f"reward '{name}': column '{key}' has {len(value)} values for {n} completions")
         try:
             values = function(prompts, completions, **columns)
-        except RewardSetupError:
-            raise
+        except (RewardSetupError, DataError):
+            raise  # about the whole batch or already names its row: re-running row by row adds nothing
         except Exception as error:
             raise _locate_failure(function, name, prompts, completions, columns, error) from error
 
