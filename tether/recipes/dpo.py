@@ -1,0 +1,379 @@
+"""Direct preference optimization and its family, chosen by name (`loss=`):
+
+    dpo     −log σ(β h),  h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
+    cdpo    −(1−ε) log σ(β h) − ε log σ(−β h)                       (label_smoothing ε)
+    robust  [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε)
+    hinge   max(0, 1 − β h)
+    ipo     (h̄ − 1/(2β))²  on length-averaged log-ratios
+    simpo   −log σ(β (avg log π(y_w) − avg log π(y_l)) − γ)          reference-free
+    orpo    NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l))         reference-free
+    kto     unpaired: w_d (1 − σ(β (r − z))) or w_u (1 − σ(β (z − r))),  r = log π − log π_ref
+
+The formulas live in `tether.losses`; this loop only calls `get_preference_loss(name)` / `kto_loss`.
+Read top to bottom: load policy and data → set up the reference (adapter-disabled base under LoRA, a
+frozen copy otherwise, none for simpo/orpo) → optionally precompute reference log-probs once → for each
+step: chosen and rejected in ONE (2B, T) forward, summed completion log-probs, loss over the pairs of the
+global batch, backward, optimizer step → log implicit rewards, accuracy, margins → save `final/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tether import models
+from tether.config import ConfigError, TrainConfig
+from tether.data.batching import BatchOrder, split_micro_batches
+from tether.data.loading import load_rows
+from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
+from tether.losses import get_preference_loss, kto_loss
+from tether.models import is_peft, unwrap
+from tether.ops import masked_sum, model_token_logprobs
+from tether.recipes.reward_model import split_held_out
+from tether.runtime import distributed
+from tether.runtime.run import Run, autocast
+
+log = logging.getLogger("tether")
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Offline preference optimization: DPO, IPO, cDPO, robust DPO, hinge, SimPO, ORPO on pairs; KTO on
+    unpaired {prompt, completion, label} rows (or on pairs, split into chosen=true / rejected=false)."""
+
+    loss: Literal["dpo", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo", "kto"] = "dpo"
+    """Preference loss; see docs/preference.md for each formula."""
+    beta: float = 0.1
+    """β: strength of the KL anchor to the reference (dpo, cdpo, robust, hinge, kto), IPO's τ, SimPO's
+    reward scale, and ORPO's λ unless orpo_lambda is set."""
+    label_smoothing: float = 0.0
+    """ε, the assumed rate of flipped labels (dpo/cdpo: conservative DPO; robust: must be < 0.5)."""
+    gamma: float = 0.5
+    """SimPO target reward margin γ (the paper's γ, not γ/β)."""
+    orpo_lambda: float | None = None
+    """ORPO weight λ of the odds-ratio term; null means λ = beta."""
+    desirable_weight: float = 1.0
+    """KTO λ_D: weight of desirable (label=true) examples."""
+    undesirable_weight: float = 1.0
+    """KTO λ_U: weight of undesirable (label=false) examples."""
+    ref_model: str = ""
+    """Reference model π_ref (folder or hub name); "" means the starting policy (under LoRA: the base
+    model with the adapter disabled, no second copy)."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once for every example before training and reuse them across epochs
+    (the reference model is then freed)."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: message lists use the tokenizer's chat template, plain strings are used as is;
+    always: string prompts are wrapped as a user message too; never: no template."""
+    eval_fraction: float = 0.0
+    """Held-out share of `data` when `eval_data` is not given (e.g. 0.1); 0 disables evaluation then."""
+    eval_steps: int = 0
+    """Evaluate on the held-out examples every N steps (0: only at the end)."""
+    skip_bad_rows: bool = False
+    """Skip (and count in the log) rows that are invalid, instead of stopping with an error."""
+
+    def validate(self) -> None:
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
+        if self.beta <= 0:
+            raise ConfigError(f"config key 'beta': must be > 0, got {self.beta}")
+        if self.loss == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config key 'label_smoothing': robust DPO needs 0 <= value < 0.5, "
+                              f"got {self.label_smoothing}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"config key 'label_smoothing': expected 0 <= value < 1, got {self.label_smoothing}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"config key 'eval_fraction': expected 0 <= value < 1, got {self.eval_fraction}")
+        if self.ref_model and self.loss in REFERENCE_FREE:
+            raise ConfigError(f"config key 'ref_model': loss={self.loss} is reference-free; leave ref_model empty")
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs (N,), completion lengths (N,)) of a collated batch."""
+    logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (N, T-1)
+    mask = batch["loss_mask"]  # (N, T-1)
+    return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
+
+
+def pair_logps(model, pairs, pad_id: int, device):
+    """Chosen and rejected through ONE forward: (logps (2B,), lengths (2B,)), chosen rows first."""
+    batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+    return sequence_logps(model, batch)
+
+
+def unpaired_logps(model, examples, pad_id: int, device, completions=None):
+    """(logps (B,), lengths (B,), labels (B,)); `completions` swaps in other completions (KTO's KL pairs)."""
+    batch = {k: v.to(device) for k, v in collate_unpaired(examples, pad_id, completions).items()}
+    logps, lengths = sequence_logps(model, batch)
+    return logps, lengths, batch["labels"]
+
+
+def kto_partners(n: int, seed: int) -> list[int]:
+    """A fixed mismatched completion for each example (a seeded cycle): KTO's KL pairs (x_i, y_partner(i))."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    partners = [0] * n
+    for k, i in enumerate(order):
+        partners[i] = order[(k + 1) % n]
+    return partners
+
+
+class Reference:
+    """π_ref: a separate frozen model, or the policy itself with its LoRA adapter disabled (or, before the
+    first update, the unchanged policy, which is what precomputation uses)."""
+
+    def __init__(self, policy, frozen=None):
+        self.policy, self.frozen = policy, frozen
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.frozen is not None:
+            yield self.frozen
+            return
+        inner = unwrap(self.policy)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with inner.disable_adapter() if is_peft(inner) else contextlib.nullcontext():
+                yield inner
+        finally:
+            inner.train(was_training)
+
+    @torch.no_grad()
+    def logps(self, fn, *args, **kwargs) -> torch.Tensor:
+        """`fn(model, *args)`'s log-probs (first output) under π_ref."""
+        with self.active() as model:
+            return fn(model, *args, **kwargs)[0]
+
+
+def build_reference(config: DPOConfig, policy, device) -> Reference | None:
+    if config.loss in REFERENCE_FREE:
+        return None  # no reference model is loaded at all
+    if config.ref_model:
+        frozen, _ = models.load(config.ref_model, device=device)
+        return Reference(policy, frozen.eval().requires_grad_(False))
+    if is_peft(unwrap(policy)) or config.precompute_ref:
+        return Reference(policy)
+    return Reference(policy, copy.deepcopy(unwrap(policy)).eval().requires_grad_(False))
+
+
+def precompute_reference(reference: Reference, examples, partners, pad_id: int, batch_size: int,
+                         device) -> torch.Tensor:
+    """Reference log-probs of every example, (n, 2): [chosen, rejected] for pairs, [completion, KL pair]
+    for KTO. Each rank computes every world_size-th batch; a sum over ranks assembles the table."""
+    table = torch.zeros(len(examples), 2, device=device)
+    starts = list(range(0, len(examples), batch_size))
+    for start in starts[distributed.rank()::distributed.world_size()]:
+        index = list(range(start, min(start + batch_size, len(examples))))
+        chunk = [examples[i] for i in index]
+        if partners is None:
+            logps = reference.logps(pair_logps, chunk, pad_id, device).view(2, -1).T  # (b, 2)
+        else:
+            kl_completions = [examples[partners[i]].completion_ids for i in index]
+            logps = torch.stack([reference.logps(unpaired_logps, chunk, pad_id, device),
+                                 reference.logps(unpaired_logps, chunk, pad_id, device, kl_completions)], -1)
+        table[index] = logps.float()
+    return distributed.all_reduce_sum(table)
+
+
+# ----------------------------------------------------------------------------- losses of a batch
+
+
+def batch_loss(config: DPOConfig, model, reference, examples, index, cache, partners, pad_id, device,
+               kl_ref_point=None):
+    """(loss, metrics) of examples[index]: the mean over these examples."""
+    chunk = [examples[i] for i in index]
+    knobs = dict(beta=config.beta, label_smoothing=config.label_smoothing, gamma=config.gamma,
+                 orpo_lambda=config.orpo_lambda)
+    if config.loss == "kto":
+        logps, _, labels = unpaired_logps(model, chunk, pad_id, device)
+        ref = cache[index, 0] if cache is not None else reference.logps(unpaired_logps, chunk, pad_id, device)
+        return kto_loss(logps, ref, labels, beta=config.beta, kl_ref_point=kl_ref_point,
+                        desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
+    logps, lengths = pair_logps(model, chunk, pad_id, device)  # (2b,)
+    b = len(chunk)
+    if reference is None and cache is None:
+        ref_chosen = ref_rejected = None
+    else:
+        ref = cache[index].T.reshape(-1) if cache is not None else reference.logps(pair_logps, chunk, pad_id, device)
+        ref_chosen, ref_rejected = ref[:b], ref[b:]
+    return get_preference_loss(config.loss)(logps[:b], logps[b:], ref_chosen, ref_rejected,
+                                            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], **knobs)
+
+
+@torch.no_grad()
+def kto_kl_terms(model, reference, examples, index, cache, partners, pad_id, device) -> torch.Tensor:
+    """log π(y'|x) − log π_ref(y'|x) (b,) on the mismatched pairs (x_i, y_partner(i)) of examples[index]."""
+    chunk = [examples[i] for i in index]
+    completions = [examples[partners[i]].completion_ids for i in index]
+    logps = unpaired_logps(model, chunk, pad_id, device, completions)[0]
+    ref = cache[index, 1] if cache is not None else reference.logps(unpaired_logps, chunk, pad_id, device,
+                                                                    completions)
+    return logps - ref
+
+
+def kto_kl_estimate(model, reference, examples, indices, cache, partners, pad_id, micro_size, device):
+    """KTO's reference point z: the mean of `kto_kl_terms` over the global batch (all ranks)."""
+    total = torch.zeros((), device=device)
+    for micro in split_micro_batches(distributed.shard(indices), micro_size):
+        total += kto_kl_terms(model, reference, examples, micro, cache, partners, pad_id, device).sum()
+    return distributed.all_reduce_sum(total) / len(indices)
+
+
+class MetricMeans:
+    """Weighted sums of per-micro-batch metric means, reduced over ranks into global means."""
+
+    def __init__(self):
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, metrics: dict, weight, weights: dict | None = None) -> None:
+        for key, value in metrics.items():
+            w = torch.as_tensor((weights or {}).get(key, weight), dtype=torch.float32, device=value.device)
+            value_sum, weight_sum = self.sums.get(key, (0.0, 0.0))
+            self.sums[key] = [value_sum + value.float() * w, weight_sum + w]
+
+    def reduce(self) -> dict[str, torch.Tensor]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        stacked = distributed.all_reduce_sum(torch.stack([torch.stack(self.sums[k]) for k in keys]))  # (K, 2)
+        return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1e-12) for i, k in enumerate(keys)}
+
+
+def add_metrics(means: MetricMeans, config, metrics: dict, n: int) -> None:
+    if config.loss == "kto":  # per-label reward means are weighted by how many examples carry that label
+        counts = {"rewards_chosen": metrics.pop("num_desirable"), "rewards_rejected": metrics.pop("num_undesirable")}
+        metrics.pop("kl_ref_point")
+        means.add(metrics, n, counts)
+    else:
+        means.add(metrics, n)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def num_tokens(example) -> int:
+    """Tokens the policy reads for one example (a pair: prompt twice, both completions)."""
+    if hasattr(example, "chosen_ids"):
+        return 2 * len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
+    return len(example.prompt_ids) + len(example.completion_ids)
+
+
+def load_examples(config: DPOConfig, tokenizer, source: str):
+    build = build_unpaired_examples if config.loss == "kto" else build_preference_pairs
+    extra = {} if config.loss == "kto" else {"margin_column": ""}
+    examples, _ = build(load_rows(source, config.data_split), tokenizer, source=source, max_length=config.max_length,
+                        overlong=config.overlong, chat_template=config.chat_template,
+                        skip_bad_rows=config.skip_bad_rows, **extra)
+    return examples
+
+
+def train(config: DPOConfig) -> Path:
+    """Run DPO (or a family member) as configured; returns the `final/` model folder."""
+    run = Run(config)
+    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
+    model.to(run.device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    pad_id = tokenizer.pad_token_id
+
+    examples = load_examples(config, tokenizer, config.data)
+    if config.eval_data:
+        eval_examples = load_examples(config, tokenizer, config.eval_data)
+    else:
+        examples, eval_examples = split_held_out(examples, config.eval_fraction, config.seed)
+    kto = config.loss == "kto"
+    partners = kto_partners(len(examples), config.seed) if kto else None
+    eval_partners = kto_partners(len(eval_examples), config.seed) if kto and eval_examples else None
+    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+
+    # The reference is set up (and precomputed) before `run.start`, which may load resumed weights.
+    reference = build_reference(config, model, run.device)
+    cache = eval_cache = None
+    if reference is not None and config.precompute_ref:
+        with autocast(run):
+            cache = precompute_reference(reference, examples, partners, pad_id, micro_size, run.device)
+            if eval_examples:
+                eval_cache = precompute_reference(reference, eval_examples, eval_partners, pad_id, micro_size,
+                                                  run.device)
+        reference = None  # every reference log-prob is cached: the reference model is not needed any more
+        log.info("precomputed reference log-probs for %d + %d examples", len(examples), len(eval_examples))
+
+    def evaluate_now() -> dict[str, float]:
+        with autocast(run):
+            return evaluate(config, model, reference, eval_examples, eval_cache, eval_partners, pad_id, micro_size,
+                            run.device)
+
+    order = BatchOrder(len(examples), config.batch_size, config.seed)
+    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
+    optimizer, scheduler = run.optimizer(model, total_steps)
+    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
+
+    model.train()
+    for step in range(start_step, total_steps):
+        global_batch = order.batch(step)
+        n_global = len(global_batch)
+        kl_ref_point = None
+        if kto:
+            with autocast(run):
+                kl_ref_point = kto_kl_estimate(model, reference, examples, global_batch, cache, partners, pad_id,
+                                               micro_size, run.device)
+        means = MetricMeans()
+        for micro in split_micro_batches(distributed.shard(global_batch), micro_size):
+            with autocast(run):
+                loss, metrics = batch_loss(config, model, reference, examples, micro, cache, partners, pad_id,
+                                           run.device, kl_ref_point)  # loss: mean over `micro`
+            # Weight the micro-batch mean to its share of the global-batch mean; DDP averages over ranks.
+            (loss * len(micro) / n_global * distributed.world_size()).backward()
+            add_metrics(means, config, {"loss": loss.detach(), **metrics}, len(micro))
+        grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
+        metrics = {**means.reduce(), "grad_norm": grad_norm}
+        if kto:
+            metrics["kl"] = kl_ref_point
+        if eval_examples and config.eval_steps and (step + 1) % config.eval_steps == 0:
+            metrics.update({f"eval_{k}": v for k, v in evaluate_now().items()})
+        tokens = sum(num_tokens(examples[i]) for i in global_batch)
+        run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=tokens)
+
+    if eval_examples:
+        result = evaluate_now()
+        log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if run.main:
+            (run.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return run.finish(model, tokenizer)
+
+
+@torch.no_grad()
+def evaluate(config: DPOConfig, model, reference, examples, cache, partners, pad_id: int, batch_size: int,
+             device) -> dict[str, float]:
+    """Loss, implicit rewards, margin and accuracy: means over all held-out examples."""
+    was_training = model.training
+    model.eval()
+    means = MetricMeans()
+    batches = [list(range(start, min(start + batch_size, len(examples))))
+               for start in range(0, len(examples), batch_size)]
+    kl_ref_point = None
+    if config.loss == "kto":
+        kl_ref_point = torch.cat([kto_kl_terms(model, reference, examples, index, cache, partners, pad_id, device)
+                                  for index in batches]).mean()
+    for index in batches:
+        loss, metrics = batch_loss(config, model, reference, examples, index, cache, partners, pad_id, device,
+                                   kl_ref_point)
+        metrics = {k: v.float() for k, v in {"loss": loss, **metrics}.items()}
+        add_metrics(means, config, metrics, len(index))
+    model.train(was_training)
+    return {k: float(v) for k, v in means.reduce().items()}

@@ -1,0 +1,165 @@
+"""Reward model: a transformer body with a scalar head, trained on preference pairs (Bradley-Terry).
+
+    P(y_w ≻ y_l | x) = σ(r_φ(x, y_w) − r_φ(x, y_l))
+    L(φ) = −E [ log σ(r_φ(x, y_w) − r_φ(x, y_l) − m) ] + c · E [ (r_φ(x, y_w) + r_φ(x, y_l))² ]
+
+m is the row's optional `margin` (Llama 2), c the optional centering coefficient (Eisenstein et al. 2023).
+The reward is read at the last non-padding token. Read top to bottom: load model and pairs → for each
+step: chosen and rejected in ONE forward, loss over the pairs of the global batch, backward, optimizer
+step → log (accuracy, margin, reward means), evaluate held-out pairs → save `final/`, an
+`AutoModelForSequenceClassification` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tether.config import ConfigError, TrainConfig
+from tether.data.batching import BatchOrder, split_micro_batches
+from tether.data.loading import load_rows
+from tether.data.preference import build_preference_pairs, collate_pairs
+from tether.losses import bradley_terry_loss
+from tether.models.value import load_reward_model, sequence_rewards
+from tether.runtime import distributed
+from tether.runtime.run import Run, autocast
+
+log = logging.getLogger("tether")
+
+PAIR_METRICS = ("accuracy", "margin", "rewards_chosen", "rewards_rejected")
+
+
+@dataclass
+class RewardModelConfig(TrainConfig):
+    """Bradley-Terry reward model on preference pairs {prompt, chosen, rejected} (or HH-style conversations)."""
+
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: message lists use the tokenizer's chat template, plain strings are used as is;
+    always: string prompts are wrapped as a user message too; never: no template."""
+    margin_column: str = "margin"
+    """Row field holding an optional per-pair margin m in −log σ(r_w − r_l − m); "" ignores margins."""
+    center_rewards_coef: float = 0.0
+    """Reward centering: adds coef · mean((r_w + r_l)²) to keep rewards near 0 (e.g. 0.01)."""
+    eval_fraction: float = 0.0
+    """Held-out share of `data` when `eval_data` is not given (e.g. 0.1); 0 disables evaluation then."""
+    eval_steps: int = 0
+    """Evaluate pairwise accuracy and margin on the held-out pairs every N steps (0: only at the end)."""
+    skip_bad_rows: bool = False
+    """Skip (and count in the log) rows that are invalid, instead of stopping with an error."""
+
+    def validate(self) -> None:
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"config key 'eval_fraction': expected 0 <= value < 1, got {self.eval_fraction}")
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held_out): a seeded random `fraction` of `items` held out (at least one when fraction > 0)."""
+    if fraction <= 0:
+        return items, []
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(items), generator=generator).tolist()
+    n_held = max(1, int(round(fraction * len(items))))
+    if n_held >= len(items):
+        raise ConfigError(f"config key 'eval_fraction': {fraction} of {len(items)} pairs leaves none to train on")
+    held = set(order[:n_held])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def load_pairs(config, tokenizer, source: str):
+    pairs, _ = build_preference_pairs(load_rows(source, config.data_split), tokenizer, source=source,
+                                      max_length=config.max_length, overlong=config.overlong,
+                                      chat_template=config.chat_template, skip_bad_rows=config.skip_bad_rows,
+                                      margin_column=config.margin_column)
+    return pairs
+
+
+def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen_rewards (B,), rejected_rewards (B,), margin (B,)) from one concatenated (2B, T) forward."""
+    batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
+    rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+    n = len(pairs)
+    return rewards[:n], rewards[n:], batch["margin"]
+
+
+def train(config: RewardModelConfig) -> Path:
+    """Train a reward model as configured; returns the `final/` model folder."""
+    run = Run(config)
+    model, tokenizer = load_reward_model(config.model, lora=config.lora, seed=config.seed)
+    model.to(run.device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    pairs = load_pairs(config, tokenizer, config.data)
+    if config.eval_data:
+        eval_pairs = load_pairs(config, tokenizer, config.eval_data)
+    else:
+        pairs, eval_pairs = split_held_out(pairs, config.eval_fraction, config.seed)
+    use_margin = any(p.margin for p in pairs)
+    log.info("reward model: %d training pairs, %d held-out pairs%s", len(pairs), len(eval_pairs),
+             ", with margins" if use_margin else "")
+
+    order = BatchOrder(len(pairs), config.batch_size, config.seed)
+    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
+    optimizer, scheduler = run.optimizer(model, total_steps)
+    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
+    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+
+    model.train()
+    for step in range(start_step, total_steps):
+        global_batch = order.batch(step)
+        num_pairs = len(global_batch)
+        sums = torch.zeros(1 + len(PAIR_METRICS), device=run.device)  # loss, then each metric, summed over pairs
+        for micro in split_micro_batches(distributed.shard(global_batch), micro_size):
+            with autocast(run):
+                chosen, rejected, margin = pair_rewards(model, [pairs[i] for i in micro], tokenizer.pad_token_id,
+                                                        run.device)
+            loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin if use_margin else None,
+                                               center_coef=config.center_rewards_coef)  # mean over `micro`
+            # Weight the micro-batch mean to its share of the global-batch mean; DDP averages over ranks.
+            (loss * len(micro) / num_pairs * distributed.world_size()).backward()
+            sums += torch.stack([loss.detach()] + [metrics[k] for k in PAIR_METRICS]).float() * len(micro)
+        grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
+        means = distributed.all_reduce_sum(sums) / num_pairs
+        metrics = {"loss": means[0], **dict(zip(PAIR_METRICS, means[1:])), "grad_norm": grad_norm}
+        if eval_pairs and config.eval_steps and (step + 1) % config.eval_steps == 0:
+            with autocast(run):
+                result = evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
+            metrics.update({f"eval_{k}": v for k, v in result.items() if k != "num_pairs"})
+        tokens = sum(2 * len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
+                     for i in global_batch)
+        run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=tokens)
+
+    if eval_pairs:
+        with autocast(run):
+            result = evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
+        log.info("held-out pairs: accuracy %.4f, mean margin %.4f", result["accuracy"], result["margin"])
+        if run.main:
+            (run.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return run.finish(model, tokenizer)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, device) -> dict[str, float]:
+    """Pairwise accuracy (r_w > r_l), mean margin (r_w − r_l) and reward means over `pairs`."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        c, r, _ = pair_rewards(model, pairs[start: start + batch_size], pad_id, device)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)  # (N,), (N,)
+    return {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean()),
+            "rewards_chosen": float(chosen.mean()), "rewards_rejected": float(rejected.mean()),
+            "num_pairs": len(pairs)}
