@@ -1,0 +1,431 @@
+"""The sampler interface and the built-in engine: batched KV-cache sampling on any Hugging Face causal LM.
+
+One interface serves `tether generate`, best-of-N and every online RL recipe:
+
+    sampler = get_sampler("builtin", model, tokenizer)
+    batch = sampler.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=128))
+    tensors = batch.to_tensors(tokenizer.pad_token_id)
+
+Conventions (the same as TRL and vLLM unless said otherwise):
+- `completion_ids` hold every sampled token: the EOS token when the sample ended on EOS, and the token that
+  completed a stop string when it ended on a stop. `completions` (text) exclude both: special tokens are
+  skipped and the text is cut where the stop string begins.
+- `completion_logprobs` are log softmax(logits / temperature) of the FULL distribution at the chosen token,
+  before top-k / top-p / min-p filtering and before `min_new_tokens` suppresses EOS: exactly what a
+  teacher-forced forward at the same temperature gives, which is what RL ratios need. With temperature 0
+  (greedy) they are the log-probs at temperature 1.
+- All randomness comes from a `torch.Generator` seeded with `params.seed`; the global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+FINISH_REASONS = ("stop", "eos", "length")
+
+
+@dataclass
+class SamplingParams:
+    """How to sample completions; field names follow vLLM's `SamplingParams`."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax) decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to at least top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top token's probability (0 = off)."""
+    max_new_tokens: int = 256
+    """Most tokens generated per sample; a sample that reaches it finishes with reason "length"."""
+    n: int = 1
+    """Samples per prompt; they share one prefill of the prompt."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sample (finish reason "stop"); the text is cut where the string begins."""
+    seed: int | None = 0
+    """Seed of the sampler's own random generator; None draws a fresh one."""
+    min_new_tokens: int = 0
+    """EOS cannot be sampled, and stop strings are not checked, before this many tokens."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (fixed-length benchmarks); EOS may still be sampled."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the completion text."""
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.n >= 1, "n must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {message}")
+        self.stop = list(self.stop)
+
+
+@dataclass
+class RolloutBatch:
+    """Completions for a list of prompts; sample rows are grouped prompt by prompt.
+
+    With P prompts and n samples each there are N = P * n samples; rows [i*n:(i+1)*n] belong to prompt i.
+    """
+
+    prompt_ids: list[list[int]]
+    """Token ids of each prompt (P lists, no padding)."""
+    completion_ids: list[list[int]]
+    """Sampled token ids of each sample (N lists), including a final EOS or stop-completing token."""
+    completion_logprobs: list[list[float]]
+    """log pi(token) at the sampling temperature, full distribution; aligned with completion_ids."""
+    finish_reasons: list[str]
+    """Per sample: "eos", "stop" (a stop string) or "length" (max_new_tokens reached)."""
+    completions: list[str]
+    """Decoded completion text per sample: special tokens skipped, cut before a matched stop string."""
+    prompt_index: list[int]
+    """Per sample, the index of its prompt."""
+
+    @property
+    def n(self) -> int:
+        """Samples per prompt."""
+        return len(self.completion_ids) // max(len(self.prompt_ids), 1)
+
+    @property
+    def sample_index(self) -> list[int]:
+        """Per sample, its index among the samples of its prompt (0..n-1)."""
+        return [row % self.n for row in range(len(self.completion_ids))]
+
+    def to_tensors(self, pad_id: int, device: torch.device | str | None = None) -> dict:
+        """Padded tensors for a teacher-forced forward over prompt + completion.
+
+        Returns a dict with
+          input_ids          (N, P+C) long: prompt LEFT-padded to P, completion RIGHT-padded to C
+          attention_mask     (N, P+C) long: 1 on real prompt and completion tokens
+          completion_mask    (N, C)   float: 1 on sampled tokens
+          sampling_logprobs  (N, C)   float32: 0 on padding
+          prompt_index       (N,)     long
+          prompt_length      int P
+        so `ops.model_token_logprobs(model, input_ids, attention_mask)[0][:, P - 1:]` is (N, C) and lines up
+        with `completion_mask` and `sampling_logprobs`.
+        """
+        N = len(self.completion_ids)
+        P = max((len(p) for p in self.prompt_ids), default=0)
+        C = max((len(c) for c in self.completion_ids), default=0)
+        input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(N, P + C, dtype=torch.long)
+        sampling_logprobs = torch.zeros(N, C, dtype=torch.float32)
+        for row, (i, ids, logprobs) in enumerate(zip(self.prompt_index, self.completion_ids, self.completion_logprobs)):
+            prompt = self.prompt_ids[i]
+            input_ids[row, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, P - len(prompt):P + len(ids)] = 1
+            input_ids[row, P:P + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            sampling_logprobs[row, :len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
+        tensors = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": attention_mask[:, P:].float(),
+            "sampling_logprobs": sampling_logprobs,
+            "prompt_index": torch.tensor(self.prompt_index, dtype=torch.long),
+        }
+        if device is not None:
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+        tensors["prompt_length"] = P
+        return tensors
+
+
+class Sampler(abc.ABC):
+    """What every engine provides. Prompts are strings (tokenized here) or token id lists (used as given)."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> RolloutBatch:
+        ...
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (after an optimizer step)."""
+
+
+def get_sampler(engine: str, model, tokenizer, **kwargs) -> Sampler:
+    """The sampler named `engine`: "builtin" (default, any HF causal LM) or "vllm" (CUDA, when installed)."""
+    if engine == "builtin":
+        return BuiltinSampler(model, tokenizer, **kwargs)
+    if engine == "vllm":
+        from tether.rollout.vllm_engine import VLLMSampler
+
+        return VLLMSampler(model, tokenizer, **kwargs)
+    raise ValueError(f"rollout engine {engine!r} is unknown: use 'builtin' or 'vllm'")
+
+
+# --------------------------------------------------------------------------- token selection
+
+
+def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set to -inf the logits that top-k, then top-p, then min-p remove (Hugging Face's order).
+
+    logits (B, V) -> (B, V). The most likely token is always kept. Returns `logits` itself when nothing is on.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        sorted_probs = sorted_logits.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
+        # Nucleus (Holtzman et al. 2020): keep the smallest prefix whose mass reaches top_p.
+        remove_sorted = mass_before >= top_p  # (B, V); rank 0 has mass_before 0 and is kept
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)  # (B, V)
+        threshold = min_p * probs.max(-1, keepdim=True).values  # (B, 1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row from probs (B, V) -> (B,) long, by the exponential race.
+
+    argmax(p_v / E_v) with E_v ~ Exponential(1) picks v with probability p_v (the Gumbel-max trick in
+    another form). It overwrites a scratch buffer in place and was faster than torch.multinomial on
+    CPU (docs/generation.md); vLLM samples the same way on GPU.
+    """
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)  # (B, V)
+    race.clamp_(min=torch.finfo(torch.float32).tiny)  # E = 0 would give 0/0 = NaN on filtered tokens
+    return race.reciprocal_().mul_(probs).argmax(-1)
+
+
+def select_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator,
+                  banned_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Choose the next token of each row and its sampling log-prob.
+
+    logits (B, V) -> (tokens (B,) long, logprobs (B,) float32). `banned_ids` (e.g. EOS before
+    min_new_tokens) cannot be chosen, but the log-prob is of the full, unbanned, unfiltered distribution.
+    """
+    logits = logits.float()
+    scaled = logits / params.temperature if params.temperature > 0 else logits  # (B, V)
+    logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
+    if banned_ids is not None:
+        scaled = scaled.index_fill(-1, banned_ids, float("-inf"))
+    if params.temperature == 0:
+        tokens = scaled.argmax(-1)
+    else:
+        filtered = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+        tokens = draw(filtered.softmax(-1), generator)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+# --------------------------------------------------------------------------- tokenizer helpers
+
+
+def default_eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a sample: the tokenizer's EOS and the model's generation_config EOS ids."""
+    ids = set()
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else source)
+    return sorted(ids)
+
+
+def encode_prompts(tokenizer, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt. Strings get the tokenizer's special tokens (e.g. BOS) unless they already
+    start with the BOS text (a chat template that writes it), so BOS is never doubled."""
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            bos = getattr(tokenizer, "bos_token", None)
+            add_special = not (bos and prompt.startswith(bos))
+            encoded.append(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+        else:
+            encoded.append([int(t) for t in prompt])
+        if not encoded[-1]:
+            raise ValueError(f"prompt {len(encoded) - 1} is empty: nothing to condition on")
+    return encoded
+
+
+class StopStringChecker:
+    """Finds stop strings completed by a sample's newest token, decoding only a window of recent tokens."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        # A character is at most 4 tokens (byte-level BPE); the window's first tokens may decode imperfectly.
+        self.window = 4 * max((len(s) for s in stop), default=0) + 8
+
+    def _new_stop(self, text: str, before: int) -> tuple[int, int] | None:
+        """(start, end) of the earliest stop string in `text` that ends past character `before`."""
+        hits = [(i, i + len(s)) for s in self.stop if (i := text.find(s, max(0, before - len(s) + 1))) >= 0]
+        return min(hits) if hits else None
+
+    def completed(self, completions: list[list[int]]) -> list[bool]:
+        """Per completion: did its last token complete a stop string?"""
+        windows = [ids[-self.window:] for ids in completions]
+        texts = self.tokenizer.batch_decode(windows, skip_special_tokens=True)
+        before = self.tokenizer.batch_decode([w[:-1] for w in windows], skip_special_tokens=True)
+        return [self._new_stop(text, len(prev)) is not None for text, prev in zip(texts, before)]
+
+    def cut(self, ids: list[int]) -> tuple[int, int] | None:
+        """(start, end) in the full decoded text of the stop string that the last token completed."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._new_stop(text, len(self.tokenizer.decode(ids[:-1], skip_special_tokens=True)))
+
+
+# --------------------------------------------------------------------------- the built-in engine
+
+
+class BuiltinSampler(Sampler):
+    """Batched sampling with a KV cache on any Hugging Face causal LM (the default engine).
+
+    Each chunk of up to `batch_size` prompts is left-padded and prefilled once; the cache is then repeated
+    n times so the n samples of a prompt share that prefill. Finished samples are dropped from the decode
+    batch when at least `drop_finished_fraction` of it has finished (1.0 or more keeps every row to the end).
+    `eos_token_ids` replaces the default end ids (the tokenizer's EOS and the model's generation_config ones).
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int | None = None, drop_finished_fraction: float = 0.1,
+                 eos_token_ids: list[int] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.drop_finished_fraction = drop_finished_fraction
+        self.eos_ids = list(eos_token_ids) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+        keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._prefill_kwargs = {"logits_to_keep": 1} if keeps_logits else {}  # prefill: last position only
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> RolloutBatch:
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        device = next(self.model.parameters()).device
+        generator = make_generator(params.seed, device)
+        chunk = self.batch_size or max(len(prompt_ids), 1)
+        samples = []  # (completion_ids, logprobs, finish_reason) per sample, grouped prompt by prompt
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(prompt_ids), chunk):
+                    samples += self._generate_chunk(prompt_ids[start:start + chunk], params, generator, device)
+        finally:
+            self.model.train(was_training)
+        return self._to_batch(prompt_ids, samples, params)
+
+    def _generate_chunk(self, prompt_ids: list[list[int]], params: SamplingParams, generator, device):
+        n, max_new = params.n, params.max_new_tokens
+        U, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+        N = U * n
+        # Prefill the unique prompts, left-padded, with positions counted from each first real token.
+        input_ids = torch.full((U, P), self.pad_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(U, P + max_new, dtype=torch.long, device=device)  # grows to the right
+        for i, ids in enumerate(prompt_ids):
+            input_ids[i, P - len(ids):] = torch.tensor(ids, device=device)
+            attention_mask[i, P - len(ids):] = 1  # generated positions are 1 from the start
+        position_ids = (attention_mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # (U, P)
+        cache = DynamicCache(config=self.model.config)  # the config gives sliding-window layers their window
+        logits = self._forward(input_ids, attention_mask[:, :P], position_ids, cache, prefill=True)  # (U, V)
+
+        # n samples per prompt: repeat the cache and the last logits instead of re-encoding the prompt.
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)  # (N, V)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)  # (N, P + max_new)
+        next_position = position_ids[:, -1].repeat_interleave(n) + 1  # (N,)
+
+        tokens_out = torch.full((N, max_new), self.pad_id, dtype=torch.long, device=device)
+        logprobs_out = torch.zeros(N, max_new, dtype=torch.float32, device=device)
+        lengths = torch.zeros(N, dtype=torch.long, device=device)
+        reasons = ["length"] * N
+        rows = torch.arange(N, device=device)  # (B,) sample id of each row still in the decode batch
+        alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) rows not finished yet
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        stop_checker = StopStringChecker(self.tokenizer, params.stop) if params.stop else None
+        host_tokens = [[] for _ in range(N)]  # completions so far, kept on the host only for stop strings
+
+        for step in range(max_new):
+            banned = eos if (step < params.min_new_tokens and len(eos)) else None
+            tokens, logprobs = select_tokens(logits, params, generator, banned)  # (B,), (B,)
+            live_rows = rows[alive]
+            tokens_out[live_rows, step] = tokens[alive]
+            logprobs_out[live_rows, step] = logprobs[alive]
+            lengths[live_rows] = step + 1
+
+            finished = torch.zeros_like(alive)
+            if not params.ignore_eos and len(eos):
+                finished = torch.isin(tokens, eos) & alive
+                for sample in rows[finished].tolist():
+                    reasons[sample] = "eos"
+            if stop_checker:
+                self._check_stops(stop_checker, host_tokens, tokens, rows, alive & ~finished, finished, reasons,
+                                  check=step + 1 >= params.min_new_tokens)
+            alive &= ~finished
+            if step + 1 == max_new or not bool(alive.any()):
+                break
+
+            if (~alive).sum() >= max(self.drop_finished_fraction * len(alive), 1):
+                keep = alive.nonzero().flatten()  # (B',)
+                cache.batch_select_indices(keep)
+                rows, alive, tokens = rows[keep], alive[keep], tokens[keep]
+                attention_mask, next_position = attention_mask[keep], next_position[keep]
+            seen = P + step + 1  # cache length once this step's tokens are fed
+            logits = self._forward(tokens[:, None], attention_mask[:, :seen], next_position[:, None], cache)
+            next_position = next_position + 1
+
+        tokens_host, logprobs_host, lengths = tokens_out.tolist(), logprobs_out.tolist(), lengths.tolist()
+        return [(tokens_host[i][:lengths[i]], logprobs_host[i][:lengths[i]], reasons[i]) for i in range(N)]
+
+    @staticmethod
+    def _check_stops(checker, host_tokens, tokens, rows, running, finished, reasons, check: bool) -> None:
+        """Append this step's tokens to the host copies of the running samples; when `check`, mark those
+        whose newest token completed a stop string as finished (in place)."""
+        running_rows = running.nonzero().flatten().tolist()
+        samples = rows[running_rows].tolist()
+        for sample, token in zip(samples, tokens[running_rows].tolist()):
+            host_tokens[sample].append(token)
+        if not check:
+            return
+        for row, sample, hit in zip(running_rows, samples, checker.completed([host_tokens[s] for s in samples])):
+            if hit:
+                finished[row] = True
+                reasons[sample] = "stop"
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, prefill: bool = False) -> Tensor:
+        """Logits of the last position, (B, V); the cache grows by input_ids' length."""
+        kwargs = self._prefill_kwargs if prefill else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[:, -1]
+
+    def _to_batch(self, prompt_ids, samples, params: SamplingParams) -> RolloutBatch:
+        completion_ids = [ids for ids, _, _ in samples]
+        # The EOS token is not part of the text, even when the tokenizer does not mark it special (as vLLM).
+        text_ids = [ids[:-1] if reason == "eos" else ids for ids, _, reason in samples]
+        texts = self.tokenizer.batch_decode(text_ids, skip_special_tokens=True)
+        if params.stop:
+            checker = StopStringChecker(self.tokenizer, params.stop)
+            for i, (ids, _, reason) in enumerate(samples):
+                if reason == "stop" and (span := checker.cut(ids)):
+                    texts[i] = texts[i][:span[1]] if params.include_stop_str_in_output else texts[i][:span[0]]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            completion_ids=completion_ids,
+            completion_logprobs=[logprobs for _, logprobs, _ in samples],
+            finish_reasons=[reason for _, _, reason in samples],
+            completions=texts,
+            prompt_index=[i for i in range(len(prompt_ids)) for _ in range(params.n)],
+        )
