@@ -117,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
             return 2
         raise
+    except RuntimeError as err:  # under torchrun: another rank died or hung → say so instead of a gloo/nccl trace
+        from tether.runtime.distributed import failure_message
+
+        message = failure_message(err)
+        if message is None:
+            raise
+        print(f"tether {command}: {message}", file=sys.stderr)
+        return 1
     import difflib
 
     close = difflib.get_close_matches(command, list(RECIPES) + list(TOOLS), n=1)

@@ -27,6 +27,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (ignored in a single process)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model, gradients are averaged; fsdp: parameters, gradients and
+    optimizer state are sharded over ranks (FSDP2), for models that do not fit on one device."""
+    timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before the job stops with an error (a rank died or hung)."""
+
+    def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError(f"config key 'distributed.timeout_s': expected a positive number, got {self.timeout_s}")
+
+
+@dataclass
 class TrainConfig:
     """Keys every recipe shares."""
 
@@ -86,6 +101,8 @@ class TrainConfig:
     """Loggers besides metrics.jsonl: tensorboard, wandb (when installed)."""
     progress: bool = True
     """Show a progress bar with ETA."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Multi-GPU / multi-node options (strategy, timeout_s), used when launched with torchrun."""
 
 
 # ----------------------------------------------------------------------------- field docs

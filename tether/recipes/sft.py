@@ -71,6 +71,7 @@ def train(config: SFTConfig) -> Path:
 
     order = BatchOrder(len(examples), config.batch_size, config.seed)
     total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
     optimizer, scheduler = run.optimizer(model, total_steps)
     start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
     micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1

@@ -1,15 +1,22 @@
-"""torch.distributed under torchrun: process-group set-up, rank helpers and reductions.
+"""torch.distributed under torchrun: process-group set-up, rank helpers, reductions, model wrapping (DDP or
+FSDP2) and a readable message when another rank dies or hangs.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("tether")
+
+_timeout_s: float | None = None  # the process group's collective timeout, for the failure message
 
 
 def world_size() -> int:
@@ -20,18 +27,37 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK): the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def is_main() -> bool:
     return rank() == 0
 
 
 def init(timeout_s: float = 600.0) -> None:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); nothing for one process."""
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); nothing for one process.
+
+    `timeout_s` bounds every collective: when another rank dies or hangs, this rank's next collective
+    raises after that long instead of waiting forever (see `failure_message`).
+    """
+    global _timeout_s
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    kwargs = {}
+    if torch.cuda.is_available():
+        backend = "nccl"
+        kwargs["device_id"] = torch.device("cuda", local_rank())
+        torch.cuda.set_device(kwargs["device_id"])
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    _timeout_s = timeout_s
+    atexit.register(shutdown)
+    if not is_main():  # one copy of the run's info lines, from rank 0; warnings still come from every rank
+        log.setLevel(logging.WARNING)
+    log.info("torch.distributed: %d ranks, backend %s, collective timeout %g s", world_size(), backend, timeout_s)
 
 
 def shutdown() -> None:
@@ -51,6 +77,25 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(value) / world_size()
 
 
+def all_gather_object(value) -> list:
+    """[value of rank 0, value of rank 1, ...] on every rank (picklable values)."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
+    """Every rank's `value` concatenated along dim 0, rank 0's first (same shape on every rank), e.g. the
+    rewards of the whole global batch (N_local,) → (world_size * N_local,)."""
+    if world_size() == 1:
+        return value.detach().clone()
+    parts = [torch.empty_like(value) for _ in range(world_size())]
+    dist.all_gather(parts, value.detach().contiguous())
+    return torch.cat(parts)
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -60,6 +105,102 @@ def shard(indices: list[int]) -> list[int]:
     """This rank's contiguous share of a global batch of indices (the batch size divides evenly)."""
     n, r = world_size(), rank()
     if len(indices) % n:
-        raise ValueError(f"batch of {len(indices)} does not split evenly over {n} ranks")
+        raise ValueError(f"a global batch of {len(indices)} does not split evenly over {n} ranks: "
+                         f"make batch_size a multiple of {n}")
     size = len(indices) // n
     return indices[r * size: (r + 1) * size]
+
+
+# ----------------------------------------------------------------------------- model wrapping
+
+def is_fsdp(model) -> bool:
+    """True when `model` was sharded with FSDP2's `fully_shard` (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def is_wrapped(model) -> bool:
+    """True when `model` averages its gradients over ranks (DDP or FSDP2)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) or is_fsdp(model)
+
+
+def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
+    """The trainable `model` made data-parallel over all ranks; unchanged in a single process.
+
+    ddp: `DistributedDataParallel` (every rank holds the whole model; gradients are averaged in backward).
+    fsdp: FSDP2 `fully_shard` on every transformer block, then on the whole model (parameters, gradients
+    and optimizer state are split over ranks; each block's weights are gathered just for its forward and
+    backward). Either way gradients are *averaged* over ranks, so a recipe backpropagates its rank's share
+    of the global-batch loss times `world_size()`.
+    Build the optimizer from the returned model's parameters (FSDP replaces them with shards).
+    """
+    if world_size() == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index if device.index is not None else local_rank()] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size(),))
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    raise ValueError(f"distributed.strategy {strategy!r}: expected 'ddp' or 'fsdp'")
+
+
+@torch.no_grad()
+def replicas_differ(model: torch.nn.Module) -> bool:
+    """True when the ranks' copies of a DDP model's trainable weights are no longer equal (its gradients
+    are not being averaged: e.g. the forward bypassed the DDP wrapper). False for FSDP and one process."""
+    if world_size() == 1 or is_fsdp(model):
+        return False
+    sums = [p.detach().double().sum() for p in model.parameters() if p.requires_grad]
+    if not sums:
+        return False
+    local = torch.stack(sums)  # (P,) one checksum per trainable tensor
+    low, high = local.clone(), local.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(((high - low).abs() > 1e-6 * (1 + local.abs())).any())
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated layers of a Hugging Face model (the classes it lists in `_no_split_modules`)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+# ----------------------------------------------------------------------------- failures
+
+# Fragments of the errors gloo/nccl raise when a peer is gone or silent.
+_TIMEOUT_MARKERS = ("timed out", "timeout", "watchdog")
+_LOST_PEER_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+                      "socket closed", "recv", "send", "remote process exited", "ncclremoteerror")
+
+
+def failure_message(err: BaseException) -> str | None:
+    """A one-line explanation when `err` is a collective that failed because another rank died or hung;
+    None for any other error (and always in a single process)."""
+    if world_size() == 1 or not isinstance(err, RuntimeError):
+        return None
+    text = str(err).lower()
+    is_dist_error = isinstance(err, getattr(dist, "DistError", ())) or "gloo" in text or "nccl" in text
+    waited = f"{_timeout_s:g} s" if _timeout_s is not None else "distributed.timeout_s"
+    first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    if any(m in text for m in _TIMEOUT_MARKERS) and is_dist_error:
+        return (f"rank {rank()}: collective timed out after {waited} — another rank died or hung; see its log "
+                f"(the limit is distributed.timeout_s). [{first_line}]")
+    if any(m in text for m in _LOST_PEER_MARKERS) and is_dist_error:
+        return (f"rank {rank()}: lost the connection to another rank during a collective — it died; "
+                f"see its log. [{first_line}]")
+    return None

@@ -1,5 +1,5 @@
 """What every recipe needs around its loop, written once: the run folder, device, logging,
-checkpoints and exact resume."""
+distributed wrapping (DDP / FSDP2), checkpoints and exact resume."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from tether.config import save_config, to_dict
-from tether.models import save as save_model
+from tether.config import ConfigError, save_config, to_dict
 from tether.runtime import distributed
-from tether.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tether.runtime.device import choose_device, choose_dtype, seed_everything
+from tether.runtime.checkpoint import (gather_model_state, gather_optimizer_state, latest_checkpoint,
+                                       load_checkpoint, save_checkpoint, save_model_folder)
+from tether.runtime.device import choose_device, choose_dtype, rng_state, seed_everything
 from tether.runtime.logger import RunLogger
 from tether.runtime.optim import StepGuard, build_optimizer, build_scheduler
 
@@ -26,17 +26,22 @@ class Run:
     Typical use in a recipe::
 
         run = Run(config)
-        model = ...; optimizer, scheduler = run.optimizer(model, total_steps)
+        model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
+        optimizer, scheduler = run.optimizer(model, total_steps)
         start_step, extra = run.start(model, tokenizer, optimizer, scheduler, total_steps)
         for step in range(start_step, total_steps):
             ...  # forward/backward
             grad_norm, applied = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
             run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, extra=lambda: {...})
         run.finish(model, tokenizer)
+
+    Under torchrun every rank runs this same code: each takes its `distributed.shard` of the global batch,
+    only rank 0 writes logs and checkpoints, and the methods that save (`end_step`, `checkpoint`, `finish`)
+    must be called by every rank (they gather FSDP shards).
     """
 
     def __init__(self, config):
-        distributed.init()
+        distributed.init(config.distributed.timeout_s)
         self.config = config
         self.dir = Path(config.output_dir)
         self.main = distributed.is_main()
@@ -54,12 +59,30 @@ class Run:
         self.logger: RunLogger | None = None
         self.optimizer_ = self.scheduler_ = None
         self._step_start = time.perf_counter()
+        self._first_step = 0
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.dir / "checkpoints"
 
+    def wrap(self, model):
+        """The trainable `model` ready for data-parallel training: DDP, or FSDP2 with
+        `distributed.strategy=fsdp`; unchanged in a single process. Call it before `optimizer`, and
+        backpropagate each rank's share of the global-batch loss times `distributed.world_size()`
+        (both strategies average gradients over ranks)."""
+        strategy = self.config.distributed.strategy
+        if strategy == "fsdp" and distributed.world_size() > 1:
+            from tether.models import is_peft, unwrap
+
+            if is_peft(unwrap(model)):
+                raise ConfigError("config key 'distributed.strategy': fsdp does not support LoRA yet; use ddp "
+                                  "(the LoRA weights and their optimizer state are small)")
+        return distributed.wrap(model, strategy, self.device)
+
     def optimizer(self, model, total_steps: int):
+        if distributed.world_size() > 1 and not distributed.is_wrapped(model):
+            raise RuntimeError("under torchrun the trained model must be wrapped before its optimizer is built: "
+                               "model = run.wrap(model) (otherwise the ranks' gradients are never averaged)")
         c = self.config
         optimizer = build_optimizer(model.parameters(), learning_rate=c.learning_rate, weight_decay=c.weight_decay,
                                     betas=c.adam_betas)
@@ -79,6 +102,7 @@ class Run:
                 start_step, extra = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
                 self.guard.load_state_dict(extra.get("guard", self.guard.state_dict()))
                 log.info("resumed from %s (step %d)", path, start_step)
+        self._first_step = start_step
         self.logger = RunLogger(self.dir, total_steps=total_steps, start_step=start_step,
                                 report_to=self.config.report_to, progress=self.config.progress, enabled=self.main,
                                 config=to_dict(self.config))
@@ -89,11 +113,14 @@ class Run:
         """Log the step's metrics and write a checkpoint when due. `step` counts completed steps."""
         elapsed = time.perf_counter() - self._step_start
         self._step_start = time.perf_counter()
-        metrics = {**metrics, "lr": self.scheduler_.get_last_lr()[0], "step_time": elapsed}
+        metrics = {k: _whole(v) for k, v in metrics.items()}
+        metrics.update({"lr": self.scheduler_.get_last_lr()[0], "step_time": elapsed})
         if tokens:
             metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         if self.guard.skipped:
             metrics["skipped_steps"] = self.guard.skipped
+        if step == self._first_step + 1 or (self.config.save_steps and step % self.config.save_steps == 0):
+            self.check_replicas(model, step)
         row = {}
         if step % max(1, self.config.log_steps) == 0:
             row = self.logger.log(step, metrics)
@@ -102,27 +129,48 @@ class Run:
             self.checkpoint(step, model=model, tokenizer=tokenizer, extra=extra)
         return row
 
+    def check_replicas(self, model, step: int) -> None:
+        """Stop when the DDP ranks' weights have drifted apart (after the first step and before each checkpoint):
+        a recipe whose gradients are not averaged must not go on training N different models."""
+        if distributed.replicas_differ(model):
+            raise RuntimeError(f"rank {distributed.rank()}: after step {step} the model's weights differ between "
+                               "ranks, so their gradients are not being averaged. Train through the model returned "
+                               "by run.wrap(model): DDP averages gradients only for forwards through the wrapper.")
+
     def checkpoint(self, step: int, *, model, tokenizer, extra=None) -> None:
+        """Write `checkpoints/step-N/` (rank 0 writes; every rank must call it)."""
         extra = dict(extra() if callable(extra) else (extra or {}))
         extra["guard"] = self.guard.state_dict()
+        model_state = gather_model_state(model)  # whole weights from FSDP shards; None otherwise
+        optimizer_state = gather_optimizer_state(model, self.optimizer_)
+        rng_ranks = distributed.all_gather_object(rng_state())
         if self.main:
             save_checkpoint(self.checkpoint_dir, step, model=model, tokenizer=tokenizer, optimizer=self.optimizer_,
-                            scheduler=self.scheduler_, extra=extra, keep_last=self.config.keep_last)
+                            scheduler=self.scheduler_, extra=extra, keep_last=self.config.keep_last,
+                            model_state=model_state, optimizer_state=optimizer_state, rng_ranks=rng_ranks)
         distributed.barrier()
 
     def finish(self, model, tokenizer, *, merge_lora: bool = True) -> Path:
         """Save `final/` (a Hugging Face folder; LoRA merged, the adapter also kept in `adapter/`)."""
         final = self.dir / "final"
+        model_state = gather_model_state(model)  # whole weights from FSDP shards; None otherwise
         if self.main:
             from tether.models import is_peft, unwrap
 
             if is_peft(unwrap(model)):
-                save_model(model, tokenizer, self.dir / "adapter")
-            save_model(model, tokenizer, final, merge_lora=merge_lora)
+                save_model_folder(model, tokenizer, self.dir / "adapter")
+            save_model_folder(model, tokenizer, final, state=model_state, merge_lora=merge_lora)
         if self.logger is not None:
             self.logger.close()
         distributed.barrier()
         return final
+
+
+def _whole(value):
+    """A metric as a plain tensor: FSDP returns some (e.g. the gradient norm) as replicated DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def autocast(run: Run):
