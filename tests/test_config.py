@@ -77,3 +77,17 @@ def test_cli_reports_config_errors_before_work(capsys, tmp_path):
     assert code == 2
     assert "Did you mean 'learning_rate'?" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # stopped before any work
+
+
+def test_partial_nested_override_keeps_the_fields_own_defaults():
+    from dataclasses import dataclass, field
+
+    from tether.models import LoraConfig
+
+    @dataclass
+    class WithLora(SFTConfig):
+        lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=32.0))
+        """LoRA on by default here."""
+
+    config = load_config(WithLora, None, ["lora.alpha=4"])
+    assert (config.lora.r, config.lora.alpha) == (8, 4.0)

@@ -224,6 +224,12 @@ def _build(cls, values: dict, prefix: str = ""):
     for key, value in values.items():
         if key not in names:
             raise _unknown_key(cls, key, prefix)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # A partial section overrides the field's own default (its default_factory), key by key.
+            default = next(f for f in dataclasses.fields(cls) if f.name == key)
+            if default.default_factory is not dataclasses.MISSING:
+                base = {f.name: getattr(default.default_factory(), f.name) for f in dataclasses.fields(hints[key])}
+                value = {**base, **value}
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     instance = cls(**kwargs)
     validate = getattr(instance, "validate", None)

@@ -1,0 +1,325 @@
+"""Generation evaluation: n samples per prompt → pass@k, maj@k (cons@k), mean pass@1, mean reward per function.
+
+    tether eval --model runs/grpo/final --data examples/data/math_test.jsonl --n 8 --k 1 4 8
+
+For each prompt, n completions are sampled and judged by the reward functions (default `math`). A sample
+is correct when the FIRST reward scores at least `correct_threshold` (1.0: the math reward's "right").
+With c of n samples correct:
+- pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1), averaged over prompts.
+- pass@1_mean: the share of correct samples, c / n, averaged over prompts (DeepSeek-R1's "pass@1 averaged
+  over 64 samples"; the same number as the estimator's pass@1, reported under the name papers use).
+- maj@k (DeepSeek calls it cons@k): the majority vote over the answers extracted from the FIRST k samples
+  (the math reward's extractor); right when the winning answer's first sample is correct. Answers are
+  grouped by their text with spaces removed; nothing extracted never wins; ties go to the answer that
+  appears first (`tether.eval.metrics.majority_vote`).
+
+`evaluate(model, tokenizer, rows, ...)` is the same evaluation in process (no reloading), returning a dict.
+This module also holds `sample_rows`, the "sample completions for dataset rows" step that best-of-n,
+rejection sampling and distillation share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from tether.data.loading import DataError, load_rows
+from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
+from tether.generate import encode_prompt
+from tether.rollout import RolloutBatch, SamplingParams, get_sampler
+
+log = logging.getLogger("tether")
+
+
+# ----------------------------------------------------------------------------- sampling dataset rows
+
+def prompts_of(rows: list[dict], source: str = "data") -> list:
+    """The `prompt` of every row (a string or a message list); a row without one is a DataError."""
+    prompts = []
+    for index, row in enumerate(rows):
+        prompt = row.get("prompt")
+        if isinstance(prompt, str) and prompt.strip() or isinstance(prompt, list) and prompt:
+            prompts.append(prompt)
+        else:
+            problem = ("missing field" if prompt is None
+                       else f"expected a non-empty string or message list, got {prompt!r}")
+            raise DataError(source, f"{problem}; sampling needs a 'prompt' on every row", index, "prompt")
+    return prompts
+
+
+def sample_rows(model, tokenizer, rows: list[dict], params: SamplingParams, *, batch_size: int = 16,
+                chat_template: str = "auto", engine: str = "builtin", source: str = "data") -> RolloutBatch:
+    """`params.n` completions for the prompt of every row, as one RolloutBatch grouped prompt by prompt.
+
+    Prompts are tokenized exactly as SFT tokenizes them (`tether.generate.encode_prompt`: message lists
+    through the chat template), `batch_size` prompts per generate call; chunk i samples with seed
+    `params.seed + i`, so a run is reproducible for a given seed and batch_size.
+    """
+    prompt_ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts_of(rows, source)]
+    sampler = get_sampler(engine, model, tokenizer)
+    batches = []
+    for chunk, start in enumerate(range(0, len(prompt_ids), batch_size)):
+        seed = None if params.seed is None else params.seed + chunk
+        batches.append(sampler.generate(prompt_ids[start:start + batch_size], replace(params, seed=seed)))
+        log.info("sampled %d/%d prompts × %d", min(start + batch_size, len(prompt_ids)), len(prompt_ids), params.n)
+    return concat_batches(batches)
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """One RolloutBatch from consecutive chunks (prompt indices are shifted to stay global)."""
+    offsets = [0]
+    for batch in batches[:-1]:
+        offsets.append(offsets[-1] + len(batch.prompt_ids))
+    return RolloutBatch(
+        prompt_ids=[ids for b in batches for ids in b.prompt_ids],
+        completion_ids=[ids for b in batches for ids in b.completion_ids],
+        completion_logprobs=[lp for b in batches for lp in b.completion_logprobs],
+        finish_reasons=[r for b in batches for r in b.finish_reasons],
+        completions=[c for b in batches for c in b.completions],
+        prompt_index=[i + offset for b, offset in zip(batches, offsets) for i in b.prompt_index],
+    )
+
+
+# ----------------------------------------------------------------------------- metrics (pure)
+
+def answer_key(answer: str) -> str:
+    """How maj@k groups extracted answers: the text with spaces removed (`1 / 2` and `1/2` vote together)."""
+    return "".join(answer.split())
+
+
+def generation_metrics(correct: list[list[bool]], answers: list[list[str | None]], ks: list[int]) -> dict:
+    """pass@k, maj@k and pass@1_mean from judged samples: `correct[p][i]` and `answers[p][i]` for the i-th
+    sample of prompt p (every prompt has the same n samples). Returns {"pass@k": .., "maj@k": .., ...}."""
+    n = len(correct[0])
+    if any(len(flags) != n for flags in correct):
+        raise ValueError("every prompt needs the same number of samples")
+    metrics = {}
+    for k in ks:
+        metrics[f"pass@{k}"] = sum(pass_at_k(n, sum(flags), k) for flags in correct) / len(correct)
+    for k in ks:
+        votes = [maj_at_k(prompt_answers, _winner_is_correct(prompt_answers[:k], flags), k=k, key=answer_key)
+                 for prompt_answers, flags in zip(answers, correct)]
+        metrics[f"maj@{k}"] = sum(votes) / len(votes)
+    metrics["pass@1_mean"] = pass_at_1_mean([list(flags) for flags in correct])
+    return metrics
+
+
+def _winner_is_correct(answers: list[str | None], flags: list[bool]):
+    """`is_correct(winner)` for maj_at_k: the correctness of the first sample that gave the winning answer."""
+    def is_correct(winner: str) -> bool:
+        first = next(i for i, a in enumerate(answers) if a is not None and answer_key(a) == answer_key(winner))
+        return bool(flags[first])
+    return is_correct
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | None = None,
+             temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 256,
+             rewards=("math",), correct_threshold: float = 1.0, extract: str | None = None,
+             batch_size: int = 16, seed: int = 0, chat_template: str = "auto", engine: str = "builtin",
+             keep_samples: bool = False, source: str = "data") -> dict:
+    """Sample `n` completions per row and report pass@k / maj@k for every k in `ks` (default 1 and n),
+    pass@1_mean and each reward's mean, std and None count.
+
+    `rows` are dicts with `prompt` and the columns the rewards need (`answer` for math). `rewards` are
+    names or `{name, weight, ...}` specs, or a ready RewardSet; the first decides correctness
+    (value >= correct_threshold).
+    `extract` is how maj@k reads answers (default: the math reward's `extract` option, else "auto").
+    Returns {"metrics": {"pass@1": ..., "maj@4": ..., "pass@1_mean": ..., "reward/math": ...},
+    "rewards": {name: {mean, std, none_count}}, "per_prompt": [...], "num_prompts", "n", "ks", "sampling"}
+    plus "samples" (one dict per completion) when keep_samples.
+    """
+    from tether.eval.score import reward_summary, score_samples
+    from tether.rewards import RewardSet
+    from tether.rewards.math import extract_answer
+
+    ks = sorted(set(ks or [1, n]))
+    if ks[0] < 1 or ks[-1] > n:
+        raise ValueError(f"every k must be in 1..n={n}, got {ks}; sample at least max(k) completions (--n)")
+    if not rows:
+        raise ValueError("evaluate needs at least one row")
+    if isinstance(rewards, RewardSet):  # built once by the caller, e.g. to reuse the math worker across calls
+        reward_set, specs = rewards, []
+    else:
+        specs = [rewards] if isinstance(rewards, (str, dict)) else list(rewards)
+        reward_set = RewardSet(specs)
+    extract = extract or next((s.get("extract", "auto") for s in specs if isinstance(s, dict)
+                               and s.get("name") == "math"), "auto")
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                            seed=seed)
+    batch = sample_rows(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
+                        engine=engine, source=source)
+    scored = score_samples(reward_set, rows, batch.completions, batch.prompt_index,
+                           completion_lengths=[len(ids) for ids in batch.completion_ids])
+    judge = scored.per_function[reward_set.names[0]]
+    flags = [value is not None and value >= correct_threshold for value in judge]
+    answers = [extract_answer(text, extract) for text in batch.completions]
+    grouped_flags = [flags[p * n:(p + 1) * n] for p in range(len(rows))]
+    grouped_answers = [answers[p * n:(p + 1) * n] for p in range(len(rows))]
+
+    metrics = generation_metrics(grouped_flags, grouped_answers, ks)
+    summary = reward_summary(scored)
+    metrics.update({f"reward/{name}": stats["mean"] for name, stats in summary.items()})
+    result = {
+        "num_prompts": len(rows), "n": n, "ks": ks,
+        "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                     "seed": seed},
+        "correct_by": reward_set.names[0], "correct_threshold": correct_threshold,
+        "metrics": metrics,
+        "rewards": summary,
+        "finish_reasons": {r: batch.finish_reasons.count(r) for r in sorted(set(batch.finish_reasons))},
+        "per_prompt": [{"correct": sum(f), "answers": a} for f, a in zip(grouped_flags, grouped_answers)],
+    }
+    if keep_samples:
+        result["samples"] = [
+            {"prompt_index": p, "sample_index": i % n, "completion": text, "answer": answer, "correct": flag,
+             "rewards": {name: values[i] for name, values in scored.per_function.items()},
+             "finish_reason": reason}
+            for i, (p, text, answer, flag, reason) in enumerate(
+                zip(batch.prompt_index, batch.completions, answers, flags, batch.finish_reasons))]
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The metrics and per-reward statistics as an aligned text table."""
+    lines = [f"prompts: {result['num_prompts']}   samples per prompt: {result['n']}   "
+             f"correct: {result['correct_by']} >= {result['correct_threshold']:g}", "",
+             f"{'metric':<14}{'value':>10}"]
+    for key in [f"pass@{k}" for k in result["ks"]] + [f"maj@{k}" for k in result["ks"]] + ["pass@1_mean"]:
+        lines.append(f"{key:<14}{result['metrics'][key]:>10.4f}")
+    lines += ["", f"{'reward':<14}{'mean':>10}{'std':>10}{'none':>8}"]
+    for name, stats in result["rewards"].items():
+        lines.append(f"{name:<14}{stats['mean']:>10.4f}{stats['std']:>10.4f}{stats['none_count']:>8d}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- config, pipeline stage, CLI
+
+@dataclass
+class EvalConfig:
+    """Generation evaluation: n samples per prompt → pass@k, maj@k, pass@1_mean, mean rewards."""
+
+    model: str = "tiny"
+    """Model to evaluate: `tiny`, a local Hugging Face folder, or a hub name."""
+    data: str = ""
+    """Prompts with the columns the rewards need: {"prompt", "answer"} for math."""
+    data_split: str = "train"
+    """Split to read when `data` is a `datasets` name or folder with splits."""
+    output_dir: str = ""
+    """Folder for eval.json (the result) and samples.jsonl (every completion); empty: print only."""
+    n: int = 8
+    """Samples per prompt."""
+    k: list[int] = field(default_factory=list)
+    """The k of pass@k and maj@k; empty means [1, n]."""
+    temperature: float = 0.6
+    """Sampling temperature (DeepSeek-R1 evaluates at 0.6, top_p 0.95); 0 is greedy."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold (1 = off)."""
+    max_new_tokens: int = 256
+    """Most tokens per completion."""
+    rewards: list[dict | str] = field(default_factory=lambda: ["math"])
+    """Reward functions (names or {name, weight, ...}); the first decides correctness."""
+    correct_threshold: float = 1.0
+    """A sample is correct when the first reward is at least this."""
+    batch_size: int = 16
+    """Prompts per generate call."""
+    seed: int = 0
+    """Sampling seed."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
+    engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampling engine."""
+    device: str = "auto"
+    """auto, cpu or cuda[:N]."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model dtype: auto = float32 on CPU, bfloat16 on CUDA."""
+
+    def validate(self) -> None:
+        from tether.config import ConfigError
+
+        if self.n < 1:
+            raise ConfigError(f"config key 'n': must be >= 1, got {self.n}")
+        if any(k < 1 or k > self.n for k in self.k):
+            raise ConfigError(f"config key 'k': every k must be in 1..n={self.n}, got {self.k}")
+
+
+def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
+    """Load `config.model` and `config.data` and run `evaluate`."""
+    from tether import models
+    from tether.runtime.device import choose_device, choose_dtype
+
+    device = choose_device(config.device)
+    model, tokenizer = models.load(config.model, dtype=choose_dtype(config.dtype, device), device=device,
+                                   seed=config.seed)
+    rows = load_rows(config.data, config.data_split)
+    result = evaluate(model, tokenizer, rows, n=config.n, ks=config.k or None, temperature=config.temperature,
+                      top_p=config.top_p, max_new_tokens=config.max_new_tokens, rewards=config.rewards,
+                      correct_threshold=config.correct_threshold, batch_size=config.batch_size, seed=config.seed,
+                      chat_template=config.chat_template, engine=config.engine, keep_samples=keep_samples,
+                      source=config.data)
+    return {"model": config.model, "data": config.data, **result}
+
+
+def run_eval(config: EvalConfig) -> Path | None:
+    """The `eval` pipeline stage: evaluate, print the table, write output_dir/eval.json and samples.jsonl."""
+    result = evaluate_config(config, keep_samples=bool(config.output_dir))
+    print(format_table(result))
+    if not config.output_dir:
+        return None
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = result.pop("samples")
+    write_jsonl(out / "samples.jsonl", samples)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return out / "eval.json"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write `rows` as JSON lines, atomically (a temporary file renamed when complete)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    from tether.config import load_config
+
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(prog="tether eval generation", description=EvalConfig.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=defaults.model, help="model folder, hub name or tiny")
+    parser.add_argument("--data", required=True, help="JSONL/Parquet/... rows with prompt and answer")
+    parser.add_argument("--n", type=int, default=defaults.n, help="samples per prompt")
+    parser.add_argument("--k", type=int, nargs="+", default=[], help="k values for pass@k / maj@k (default 1 and n)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--rewards", nargs="+", default=defaults.rewards,
+                        help="reward names or file.py:function; the first decides correctness (default math)")
+    parser.add_argument("--correct-threshold", type=float, default=defaults.correct_threshold)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per generate call")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--chat-template", choices=["auto", "always", "never"], default=defaults.chat_template)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--output", default="", help="write the result (with every sample) to this JSON file")
+    args = parser.parse_args(argv)
+    config = load_config(EvalConfig, None, {
+        "model": args.model, "data": args.data, "n": args.n, "k": args.k, "temperature": args.temperature,
+        "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "rewards": args.rewards,
+        "correct_threshold": args.correct_threshold, "batch_size": args.batch_size, "seed": args.seed,
+        "chat_template": args.chat_template, "device": args.device})
+    result = evaluate_config(config, keep_samples=bool(args.output))
+    print(format_table(result))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+

@@ -1,0 +1,202 @@
+"""Best-of-N sampling: sample N completions per prompt, score them, keep the best one.
+
+    y* = argmax_{y_1..y_N ~ π(·|x)} r(x, y_i)
+
+Read top to bottom: load the model and the prompts → sample N per prompt → score every sample with the
+reward functions (and/or a reward model) → pick each prompt's best → write `best.jsonl` (and `all.jsonl`).
+
+Choice rules (also used by rejection sampling, `select`): a None reward ("cannot judge") is never chosen,
+nor is an empty completion (it would make no training example); on equal rewards the earlier sample wins.
+A prompt with no judged, non-empty sample (e.g. every reward None) gets no best row: it is skipped and
+counted in the log and in `summary.json`, never silently.
+
+`best.jsonl` rows are `{prompt, completion, reward, rewards: {function: value}, ...input columns}`, ready
+as SFT data (`tether sft data=runs/bon/best.jsonl`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tether import models
+from tether.config import ConfigError, save_config
+from tether.data.loading import load_rows
+from tether.eval.generation import sample_rows, write_jsonl
+from tether.eval.score import score_samples
+from tether.rewards import RewardSet
+from tether.rollout import SamplingParams
+from tether.runtime.device import choose_device, choose_dtype
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled (the `sampling:` section of best-of-n, rft and distill)."""
+
+    n: int = 4
+    """Samples per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy (then all n samples are the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 = off)."""
+    min_p: float = 0.0
+    """Drop tokens below min_p × the top token's probability (0 = off)."""
+    max_new_tokens: int = 256
+    """Most tokens per completion."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion (cut from the text)."""
+    batch_size: int = 16
+    """Prompts per generate call (each with n samples)."""
+    engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampling engine: the built-in KV-cache sampler, or vLLM (CUDA, when installed)."""
+
+    def params(self, seed: int) -> SamplingParams:
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              min_p=self.min_p, max_new_tokens=self.max_new_tokens, stop=self.stop, seed=seed)
+
+    def validate(self) -> None:
+        try:
+            self.params(seed=0)
+        except ValueError as err:
+            raise ConfigError(f"config section 'sampling': {err}") from None
+        if self.batch_size < 1:
+            raise ConfigError(f"config key 'sampling.batch_size': must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N: sample N completions per prompt, keep the one with the highest reward."""
+
+    model: str = "tiny"
+    """Model that samples: `tiny`, a local Hugging Face folder, or a hub name."""
+    data: str = ""
+    """Prompts: rows with `prompt` (string or message list); other columns go to the reward functions."""
+    data_split: str = "train"
+    """Split to read when `data` is a `datasets` name or folder with splits."""
+    output_dir: str = "runs/best_of_n"
+    """Folder for best.jsonl, all.jsonl (write_all), summary.json and config.yaml."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How the N samples are drawn (sampling.n is N)."""
+    rewards: list[dict | str] = field(default_factory=list)
+    """Reward functions, each {name, weight, ...options} (e.g. [{name: math}]); combined by weight."""
+    reward_model: str = ""
+    """A reward model folder (tether rm's final/); its score is added to the rewards with weight 1."""
+    write_all: bool = False
+    """Also write all.jsonl: every sample with its rewards and whether it was chosen."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
+    seed: int = 0
+    """Sampling seed (and the init seed of `tiny`)."""
+    device: str = "auto"
+    """auto, cpu or cuda[:N]."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model dtype: auto = float32 on CPU, bfloat16 on CUDA."""
+
+    def validate(self) -> None:
+        if not self.rewards and not self.reward_model:
+            raise ConfigError("config key 'rewards': give reward functions (e.g. rewards=[{name: math}]) "
+                              "and/or a reward_model folder to score the samples")
+
+
+def reward_specs(rewards: list, reward_model: str) -> list:
+    """The RewardSet specs of a recipe: its `rewards` plus its `reward_model` folder, if any."""
+    return list(rewards) + ([{"name": "reward_model", "path": reward_model}] if reward_model else [])
+
+
+# ----------------------------------------------------------------------------- choosing samples (pure)
+
+def select(rewards: list[float | None], *, threshold: float | None = None, top_k: int = 0) -> list[int]:
+    """Indices of the samples to keep, in sample order: reward not None, >= threshold (if given), and among
+    the top_k highest (if top_k > 0; on equal rewards the earlier sample ranks higher).
+
+    Best-of-N is `select(rewards, top_k=1)`.
+    """
+    candidates = [i for i, r in enumerate(rewards) if r is not None and (threshold is None or r >= threshold)]
+    if top_k > 0:
+        candidates = sorted(sorted(candidates, key=lambda i: (-rewards[i], i))[:top_k])
+    return candidates
+
+
+def candidate_rewards(samples: list[dict]) -> list[float | None]:
+    """Each sample's reward, None for an empty completion (never chosen: it makes no training example)."""
+    return [s["reward"] if s["completion"].strip() else None for s in samples]
+
+
+# ----------------------------------------------------------------------------- sample and score
+
+def sample_and_score(model, tokenizer, rows: list[dict], *, sampling: SamplingConfig, rewards: RewardSet,
+                     seed: int, chat_template: str = "auto", source: str = "data") -> list[list[dict]]:
+    """N samples per row, scored. Returns, per row, its samples as dicts:
+    {prompt, completion, reward (weighted total), rewards: {function: value}, sample_index, finish_reason,
+    completion_tokens, ...the row's other columns}."""
+    batch = sample_rows(model, tokenizer, rows, sampling.params(seed), batch_size=sampling.batch_size,
+                        chat_template=chat_template, engine=sampling.engine, source=source)
+    lengths = [len(ids) for ids in batch.completion_ids]
+    scored = score_samples(rewards, rows, batch.completions, batch.prompt_index, completion_lengths=lengths)
+    per_row: list[list[dict]] = [[] for _ in rows]
+    for i, (p, j) in enumerate(zip(batch.prompt_index, batch.sample_index)):
+        per_row[p].append({
+            **rows[p], "completion": batch.completions[i], "reward": scored.total[i],
+            "rewards": {name: values[i] for name, values in scored.per_function.items()},
+            "sample_index": j, "finish_reason": batch.finish_reasons[i], "completion_tokens": lengths[i],
+        })
+    return per_row
+
+
+def number(value: float | None) -> str:
+    """A mean for the log: 4 decimals, or n/a when there was nothing to average."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def load_sampling_model(name: str, device: str, dtype: str, seed: int):
+    device = choose_device(device)
+    return models.load(name, dtype=choose_dtype(dtype, device), device=device, seed=seed)
+
+
+def run(config: BestOfNConfig) -> Path:
+    """Run best-of-N as configured; returns the path of best.jsonl."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    rows = load_rows(config.data, config.data_split)
+    reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
+    model, tokenizer = load_sampling_model(config.model, config.device, config.dtype, config.seed)
+    log.info("best-of-%d: %d prompts, model %s, rewards %s", config.sampling.n, len(rows), config.model, reward_set)
+
+    samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
+                               seed=config.seed, chat_template=config.chat_template, source=config.data)
+    best_rows, all_rows, skipped = [], [], []
+    for p, prompt_samples in enumerate(samples):
+        chosen = select(candidate_rewards(prompt_samples), top_k=1)  # argmax; the first sample wins ties
+        if not chosen:
+            skipped.append(p)
+        else:
+            best_rows.append(prompt_samples[chosen[0]])
+        all_rows += [{**s, "prompt_index": p, "chosen": s["sample_index"] in chosen} for s in prompt_samples]
+    if skipped:
+        log.warning("best-of-n: %d of %d prompts skipped: no sample with a reward and a non-empty completion "
+                    "(rows %s%s)", len(skipped), len(rows), skipped[:10], "..." if len(skipped) > 10 else "")
+
+    all_rewards = [s["reward"] for s in all_rows if s["reward"] is not None]
+    summary = {
+        "prompts": len(rows), "samples": len(all_rows), "written": len(best_rows),
+        "skipped_prompts": len(skipped), "skipped_rows": skipped,
+        "none_rewards": sum(s["reward"] is None for s in all_rows),
+        "empty_completions": sum(not s["completion"].strip() for s in all_rows),
+        "mean_reward": sum(all_rewards) / len(all_rewards) if all_rewards else None,
+        "mean_best_reward": sum(r["reward"] for r in best_rows) / len(best_rows) if best_rows else None,
+    }
+    log.info("best-of-n: mean reward %s over all samples, %s over the best; wrote %d rows",
+             number(summary["mean_reward"]), number(summary["mean_best_reward"]), len(best_rows))
+    write_jsonl(out / "best.jsonl", best_rows)
+    if config.write_all:
+        write_jsonl(out / "all.jsonl", all_rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out / "best.jsonl"

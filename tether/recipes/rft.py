@@ -1,0 +1,192 @@
+"""Rejection-sampling fine-tuning (RFT): sample, keep the completions the reward accepts, SFT on them.
+
+    for round k = 1..K:
+        samples  = N completions per prompt from the sampler (round 1: `sample_model`, else the policy)
+        kept     = the samples with reward >= threshold, and/or each prompt's top_k by reward
+        policy   = SFT(start = policy, or the base `model`, data = kept)
+
+One round from a fixed model is offline RFT (Yuan et al. 2023, "Scaling relationship on learning
+mathematical reasoning"; the rejection-sampling stage of DeepSeek-R1). Several rounds sampling from the
+current policy are expert iteration / STaR (Zelikman et al. 2022) / ReST-EM (Singh et al. 2023); those
+papers fine-tune the BASE model on each round's data (`finetune_from: base`).
+
+Run folder: `round-k/samples.jsonl` (every sample with its rewards and `kept`), `round-k/kept.jsonl` (the
+SFT data), `round-k/sft/` (the SFT run), `round-k/DONE`; `metrics.jsonl` (one line per round: prompts
+with at least one kept sample, kept samples, mean reward, eval reward); `kept.jsonl` (every round's kept
+rows, with `round`); `final` → the last round's model. Resuming (`resume=true`) skips finished rounds,
+reuses a round's kept.jsonl and resumes its SFT from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tether.config import ConfigError, save_config
+from tether.data.loading import load_rows
+from tether.eval.generation import write_jsonl
+from tether.recipes import sft
+from tether.recipes.best_of_n import (SamplingConfig, candidate_rewards, load_sampling_model, reward_specs,
+                                     number, sample_and_score, select)
+from tether.rewards import RewardSet
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class RFTConfig(sft.SFTConfig):
+    """Rejection-sampling fine-tuning: sample, keep what the reward accepts, fine-tune on it; offline or iterative."""
+
+    sample_model: str = ""
+    """Model that samples in round 1 (e.g. a stronger or RL-trained model); empty means `model`. Later rounds
+    sample from the current policy."""
+    rounds: int = 1
+    """Sample → filter → SFT rounds; 1 is offline RFT, more is iterative (expert iteration / STaR)."""
+    finetune_from: Literal["policy", "base"] = "policy"
+    """Start of each round's SFT: `policy` (the previous round's model) or `base` (`model`, as STaR and ReST-EM)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How the samples are drawn (sampling.n per prompt)."""
+    rewards: list[dict | str] = field(default_factory=list)
+    """Reward functions, each {name, weight, ...options}; the weighted total is what the filter reads."""
+    reward_model: str = ""
+    """A reward model folder whose score is added to the rewards with weight 1."""
+    threshold: float | None = None
+    """Keep samples whose reward is >= threshold (e.g. 1.0 with the math reward: only right answers)."""
+    top_k: int = 0
+    """Keep at most the top_k highest-reward samples per prompt (after the threshold); 0 = no limit."""
+    dedupe: bool = False
+    """Keep one copy of identical completions of the same prompt (Yuan et al. keep distinct reasoning paths)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.rewards and not self.reward_model:
+            raise ConfigError("config key 'rewards': rft needs reward functions (e.g. rewards=[{name: math}]) "
+                              "and/or a reward_model to filter the samples")
+        if self.threshold is None and self.top_k <= 0:
+            raise ConfigError("config key 'threshold': set threshold (keep reward >= threshold) and/or "
+                              "top_k (keep the k best per prompt)")
+        if self.rounds < 1:
+            raise ConfigError(f"config key 'rounds': must be >= 1, got {self.rounds}")
+
+
+def keep_samples(samples: list[dict], *, threshold: float | None, top_k: int, dedupe: bool) -> list[int]:
+    """Indices of one prompt's samples that pass the filter (see `best_of_n.select`; empty completions never do)."""
+    rewards = candidate_rewards(samples)
+    if dedupe:  # a repeated completion competes only through its first copy
+        seen: set = set()
+        for i, s in enumerate(samples):
+            if s["completion"] in seen:
+                rewards[i] = None
+            seen.add(s["completion"])
+    return select(rewards, threshold=threshold, top_k=top_k)
+
+
+def sft_config(config: RFTConfig, **changes) -> sft.SFTConfig:
+    """An SFTConfig with this config's SFT keys and `changes` (model, data, output_dir, ...)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(sft.SFTConfig)}
+    return sft.SFTConfig(**{**values, **changes})
+
+
+def train(config: RFTConfig) -> Path:
+    """Run RFT as configured; returns the final model folder (`output_dir/final` → the last round's model)."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    rows = load_rows(config.data, config.data_split)
+    eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
+    reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
+    policy = config.model
+
+    for k in range(1, config.rounds + 1):
+        round_dir = out / f"round-{k}"
+        if config.resume and (round_dir / "DONE").exists():  # finished before an interruption
+            policy = json.loads((round_dir / "DONE").read_text())["model"]
+            log.info("rft round %d: already done, policy %s", k, policy)
+            continue
+        round_dir.mkdir(parents=True, exist_ok=True)
+        sampler_name = (config.sample_model or config.model) if k == 1 else policy
+        if not (config.resume and (round_dir / "kept.jsonl").exists()):
+            sample_and_filter(config, sampler_name, rows, reward_set, round_dir, seed=config.seed + k - 1)
+        stats = {"round": k, "sampled_from": sampler_name,
+                 **round_stats(load_rows(str(round_dir / "samples.jsonl")))}
+        log.info("rft round %d: %d/%d prompts yielded at least one kept sample; kept %d of %d samples; "
+                 "mean reward %s", k, stats["prompts_with_kept"], stats["prompts"], stats["kept"],
+                 stats["samples"], number(stats["reward_mean"]))
+
+        if stats["kept"]:
+            start = config.model if config.finetune_from == "base" else policy
+            policy = str(sft.train(sft_config(config, model=start, data=str(round_dir / "kept.jsonl"),
+                                              output_dir=str(round_dir / "sft"), seed=config.seed + k - 1,
+                                              eval_data="")))
+        else:
+            log.warning("rft round %d: no sample passed the filter; the policy is unchanged", k)
+        stats["model"] = policy
+        if eval_rows:
+            stats["eval_reward_mean"] = mean_reward(config, policy, eval_rows, reward_set)
+        (round_dir / "DONE").write_text(json.dumps(stats) + "\n")
+        history = [json.loads((out / f"round-{j}" / "DONE").read_text()) for j in range(1, k + 1)]
+        write_jsonl(out / "metrics.jsonl", history)  # one line per round, rewritten so a resume never repeats one
+
+    write_jsonl(out / "kept.jsonl", [{**row, "round": k} for k in range(1, config.rounds + 1)
+                                     for row in rows_or_empty(out / f"round-{k}" / "kept.jsonl")])
+    return link_final(out, Path(policy))
+
+
+def sample_and_filter(config: RFTConfig, sampler_name: str, rows, reward_set, round_dir: Path, seed: int) -> None:
+    """Sample from `sampler_name`, score and filter; write round_dir/samples.jsonl (every sample, with
+    `kept`) and round_dir/kept.jsonl (the SFT data)."""
+    model, tokenizer = load_sampling_model(sampler_name, config.device, config.dtype, config.seed)
+    samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set, seed=seed,
+                               chat_template=config.chat_template, source=config.data)
+    del model
+    gc.collect()
+    all_rows, kept_rows = [], []
+    for p, prompt_samples in enumerate(samples):
+        keep = keep_samples(prompt_samples, threshold=config.threshold, top_k=config.top_k, dedupe=config.dedupe)
+        kept_rows += [prompt_samples[i] for i in keep]
+        all_rows += [{**s, "prompt_index": p, "kept": i in keep} for i, s in enumerate(prompt_samples)]
+    write_jsonl(round_dir / "samples.jsonl", all_rows)
+    write_jsonl(round_dir / "kept.jsonl", kept_rows)
+
+
+def round_stats(samples: list[dict]) -> dict:
+    """Counts of one round from its samples.jsonl rows: prompts, prompts with at least one kept sample, ..."""
+    rewards = [s["reward"] for s in samples if s["reward"] is not None]
+    return {"prompts": len({s["prompt_index"] for s in samples}),
+            "prompts_with_kept": len({s["prompt_index"] for s in samples if s["kept"]}),
+            "samples": len(samples), "kept": sum(s["kept"] for s in samples),
+            "none_rewards": len(samples) - len(rewards),
+            "reward_mean": sum(rewards) / len(rewards) if rewards else None}
+
+
+def mean_reward(config: RFTConfig, model_name: str, rows: list[dict], reward_set: RewardSet) -> float | None:
+    """Mean reward of the model's samples on held-out prompts (sampling as configured)."""
+    model, tokenizer = load_sampling_model(model_name, config.device, config.dtype, config.seed)
+    samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
+                               seed=config.seed, chat_template=config.chat_template, source=config.eval_data)
+    rewards = [s["reward"] for prompt_samples in samples for s in prompt_samples if s["reward"] is not None]
+    mean = sum(rewards) / len(rewards) if rewards else None
+    log.info("eval reward mean of %s: %s", model_name, number(mean))
+    return mean
+
+
+def rows_or_empty(path: Path) -> list[dict]:
+    return load_rows(str(path)) if path.exists() and path.stat().st_size else []
+
+
+def link_final(out: Path, model_dir: Path) -> Path:
+    """`out/final` → `model_dir` (a relative symlink), so every recipe's model is at `<output_dir>/final`.
+    Returns `model_dir` itself when it is not a folder under `out` (e.g. nothing was trained)."""
+    final = out / "final"
+    if not model_dir.is_dir() or out.resolve() not in model_dir.resolve().parents:
+        return model_dir
+    if final.is_symlink() or final.exists():
+        final.unlink()
+    final.symlink_to(os.path.relpath(model_dir.resolve(), out.resolve()), target_is_directory=True)
+    return final
