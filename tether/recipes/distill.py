@@ -31,7 +31,6 @@ from tether import models
 from tether.config import ConfigError, save_config
 from tether.data.batching import BatchOrder, collate_sft, split_micro_batches
 from tether.data.loading import load_rows
-from tether.data.sft import build_sft_examples
 from tether.eval.generation import sample_rows, write_jsonl
 from tether.losses import distill_loss, sft_loss
 from tether.ops import token_logprobs
@@ -134,16 +133,11 @@ def train_with_kd(config: DistillConfig) -> Path:
     teacher.eval().requires_grad_(False)
     vocab = len(tokenizer)  # models may pad their logits past the tokenizer's vocabulary; compare the real tokens
 
-    examples, stats = build_sft_examples(load_rows(config.data), tokenizer, source=config.data,
-                                         max_length=config.max_length, overlong=config.overlong,
-                                         train_on=config.train_on, chat_template=config.chat_template)
+    examples, stats = sft.load_examples(config, tokenizer, config.data)
     log.info(stats.summary(config.data))
     eval_examples = []
     if config.eval_data:
-        eval_examples, _ = build_sft_examples(load_rows(config.eval_data, config.data_split), tokenizer,
-                                              source=config.eval_data, max_length=config.max_length,
-                                              overlong=config.overlong, train_on=config.train_on,
-                                              chat_template=config.chat_template)
+        eval_examples, _ = sft.load_examples(config, tokenizer, config.eval_data, config.data_split)
     order = BatchOrder(len(examples), config.batch_size, config.seed)
     total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
     optimizer, scheduler = run.optimizer(model, total_steps)

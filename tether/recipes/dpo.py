@@ -18,8 +18,6 @@ global batch, backward, optimizer step → log implicit rewards, accuracy, margi
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -34,10 +32,11 @@ from tether.data.batching import BatchOrder, split_micro_batches
 from tether.data.loading import load_rows
 from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
 from tether.losses import get_preference_loss, kto_loss
-from tether.models import is_peft, unwrap
+from tether.models.reference import Reference, freeze
 from tether.ops import masked_sum, model_token_logprobs
 from tether.recipes.reward_model import split_held_out
 from tether.runtime import distributed
+from tether.runtime.metrics import MetricMeans
 from tether.runtime.run import Run, autocast
 
 log = logging.getLogger("tether")
@@ -130,43 +129,15 @@ def kto_partners(n: int, seed: int) -> list[int]:
     return partners
 
 
-class Reference:
-    """π_ref: a separate frozen model, or the policy itself with its LoRA adapter disabled (or, before the
-    first update, the unchanged policy, which is what precomputation uses)."""
-
-    def __init__(self, policy, frozen=None):
-        self.policy, self.frozen = policy, frozen
-
-    @contextlib.contextmanager
-    def active(self):
-        if self.frozen is not None:
-            yield self.frozen
-            return
-        inner = unwrap(self.policy)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with inner.disable_adapter() if is_peft(inner) else contextlib.nullcontext():
-                yield inner
-        finally:
-            inner.train(was_training)
-
-    @torch.no_grad()
-    def logps(self, fn, *args, **kwargs) -> torch.Tensor:
-        """`fn(model, *args)`'s log-probs (first output) under π_ref."""
-        with self.active() as model:
-            return fn(model, *args, **kwargs)[0]
-
-
 def build_reference(config: DPOConfig, policy, device) -> Reference | None:
+    """π_ref: none for reference-free losses, `ref_model` when given, else the starting policy: the policy
+    itself when every reference log-prob is precomputed before the first update (and under LoRA)."""
     if config.loss in REFERENCE_FREE:
         return None  # no reference model is loaded at all
     if config.ref_model:
         frozen, _ = models.load(config.ref_model, device=device)
-        return Reference(policy, frozen.eval().requires_grad_(False))
-    if is_peft(unwrap(policy)) or config.precompute_ref:
-        return Reference(policy)
-    return Reference(policy, copy.deepcopy(unwrap(policy)).eval().requires_grad_(False))
+        return Reference(policy, freeze(frozen))
+    return Reference.from_policy(policy, frozen_copy=not config.precompute_ref)
 
 
 def precompute_reference(reference: Reference, examples, partners, pad_id: int, batch_size: int,
@@ -230,26 +201,6 @@ def kto_kl_estimate(model, reference, examples, indices, cache, partners, pad_id
     for micro in split_micro_batches(distributed.shard(indices), micro_size):
         total += kto_kl_terms(model, reference, examples, micro, cache, partners, pad_id, device).sum()
     return distributed.all_reduce_sum(total) / len(indices)
-
-
-class MetricMeans:
-    """Weighted sums of per-micro-batch metric means, reduced over ranks into global means."""
-
-    def __init__(self):
-        self.sums: dict[str, list[torch.Tensor]] = {}
-
-    def add(self, metrics: dict, weight, weights: dict | None = None) -> None:
-        for key, value in metrics.items():
-            w = torch.as_tensor((weights or {}).get(key, weight), dtype=torch.float32, device=value.device)
-            value_sum, weight_sum = self.sums.get(key, (0.0, 0.0))
-            self.sums[key] = [value_sum + value.float() * w, weight_sum + w]
-
-    def reduce(self) -> dict[str, torch.Tensor]:
-        keys = sorted(self.sums)
-        if not keys:
-            return {}
-        stacked = distributed.all_reduce_sum(torch.stack([torch.stack(self.sums[k]) for k in keys]))  # (K, 2)
-        return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1e-12) for i, k in enumerate(keys)}
 
 
 def add_metrics(means: MetricMeans, config, metrics: dict, n: int) -> None:

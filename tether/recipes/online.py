@@ -16,7 +16,6 @@ up with `completion_mask`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -30,16 +29,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+import tether.models.reference
 from tether.config import ConfigError, TrainConfig
 from tether.data.batching import BatchOrder
 from tether.data.chat import prompt_text, validate_messages
 from tether.data.loading import DataError, load_rows
 from tether.losses import AdaptiveKLController, FixedKLController, kl_estimate
-from tether.models import is_peft, unwrap
+from tether.models import unwrap
 from tether.ops import entropy_from_logits, position_ids_from_mask, token_logprobs
 from tether.rewards import RewardResult, available_rewards, get_reward
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
 from tether.runtime import distributed
+from tether.runtime.metrics import MetricMeans
 
 log = logging.getLogger("tether")
 
@@ -229,6 +230,9 @@ def load_prompts(source: str, tokenizer, *, split: str = "train", max_prompt_len
         prompt = row["prompt"]
         if isinstance(prompt, list):
             validate_messages(prompt, source, index, "prompt", end_with_assistant=False)
+            if chat_template == "never":
+                raise DataError(source, "the prompt is a message list but chat_template=never; give it as a string "
+                                        "or use chat_template=auto", index, "prompt")
         elif not isinstance(prompt, str) or not prompt.strip():
             raise DataError(source, f"expected a non-empty string or a message list, got {prompt!r:.60}", index,
                             "prompt")
@@ -460,28 +464,9 @@ def logprob_fn(model, temperature: float):
     return lambda micro: completion_forward(model, micro, temperature=temperature)[0]
 
 
-class Reference:
-    """π_ref: a frozen copy of the starting policy, or, under LoRA, the policy with its adapter disabled
-    (no second copy). Built before `run.start` loads resumed weights, so it is always the starting policy."""
-
-    def __init__(self, policy):
-        self.policy = policy
-        inner = unwrap(policy)
-        self.frozen = None if is_peft(inner) else copy.deepcopy(inner).eval().requires_grad_(False)
-
-    @contextlib.contextmanager
-    def active(self):
-        if self.frozen is not None:
-            yield self.frozen
-            return
-        inner = unwrap(self.policy)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with inner.disable_adapter():
-                yield inner
-        finally:
-            inner.train(was_training)
+class Reference(tether.models.reference.Reference):
+    """π_ref (`tether.models.reference`: a frozen copy of the starting policy, or under LoRA the policy with
+    its adapter disabled) read at a rollout's completion tokens."""
 
     def logprobs(self, batch: dict, micro_size: int, temperature: float) -> Tensor:
         """log π_ref of every completion token, (N, C)."""
@@ -491,7 +476,7 @@ class Reference:
 
 def build_reference(policy, needed: bool) -> Reference | None:
     """The reference, or None (no copy, no forward) when β = 0."""
-    return Reference(policy) if needed else None
+    return Reference.from_policy(policy) if needed else None
 
 
 def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temperature: float) -> Tensor:
@@ -567,26 +552,6 @@ def kl_metrics(old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimat
 
 
 # ----------------------------------------------------------------------------- metrics and logging
-
-
-class MetricMeans:
-    """Weighted means of per-micro-batch metrics, reduced over ranks."""
-
-    def __init__(self):
-        self.sums: dict[str, list[Tensor]] = {}
-
-    def add(self, metrics: dict, weight: float | Tensor) -> None:
-        for key, value in metrics.items():
-            w = torch.as_tensor(weight, dtype=torch.float32).to(value.device)
-            value_sum, weight_sum = self.sums.get(key, (0.0, 0.0))
-            self.sums[key] = [value_sum + value.detach().float() * w, weight_sum + w]
-
-    def reduce(self) -> dict[str, Tensor]:
-        keys = sorted(self.sums)
-        if not keys:
-            return {}
-        stacked = distributed.all_reduce_sum(torch.stack([torch.stack(self.sums[k]) for k in keys]))  # (K, 2)
-        return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1e-12) for i, k in enumerate(keys)}
 
 
 class UpdateStats:

@@ -48,6 +48,12 @@ class SFTConfig(TrainConfig):
             raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
 
 
+def load_examples(config: SFTConfig, tokenizer, source: str, split: str = "train"):
+    """(examples, build stats) of the demonstrations in `source`, tokenized as the config says."""
+    return build_sft_examples(load_rows(source, split), tokenizer, source=source, max_length=config.max_length,
+                              overlong=config.overlong, train_on=config.train_on, chat_template=config.chat_template)
+
+
 def train(config: SFTConfig) -> Path:
     """Run SFT as configured; returns the `final/` model folder."""
     run = Run(config)
@@ -57,17 +63,11 @@ def train(config: SFTConfig) -> Path:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
 
-    rows = load_rows(config.data, config.data_split)
-    examples, stats = build_sft_examples(rows, tokenizer, source=config.data, max_length=config.max_length,
-                                         overlong=config.overlong, train_on=config.train_on,
-                                         chat_template=config.chat_template)
+    examples, stats = load_examples(config, tokenizer, config.data, config.data_split)
     log.info(stats.summary(config.data))
     eval_examples = []
     if config.eval_data:
-        eval_examples, _ = build_sft_examples(load_rows(config.eval_data, config.data_split), tokenizer,
-                                              source=config.eval_data, max_length=config.max_length,
-                                              overlong=config.overlong, train_on=config.train_on,
-                                              chat_template=config.chat_template)
+        eval_examples, _ = load_examples(config, tokenizer, config.eval_data, config.data_split)
 
     order = BatchOrder(len(examples), config.batch_size, config.seed)
     total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
