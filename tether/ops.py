@@ -39,8 +39,8 @@ def _map_row_chunks(fn: Callable[..., Tensor], rows: Sequence[Tensor], chunk_siz
             outputs.append(checkpoint(fn, *chunk, use_reentrant=False, preserve_rng_state=False))
         else:
             outputs.append(fn(*chunk))
-    if not outputs:  # zero rows
-        return rows[0].new_zeros(0, dtype=torch.float32)
+    if not outputs:  # zero rows: `fn` of the empty chunk, so the result stays in the autograd graph
+        return fn(*[r[:0] for r in rows])
     return torch.cat(outputs)
 
 

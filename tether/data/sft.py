@@ -63,6 +63,11 @@ def encode_prompt_completion(tokenizer, prompt, completion, *, chat_template: st
             raise DataError(source, "the chat template does not render the prompt as a prefix of the conversation",
                             row, field)
         return prompt_ids, ids[len(prompt_ids):]
+    if isinstance(prompt, list):  # a message-list prompt before a string completion: check it before templating
+        validate_messages(prompt, source, row, field="prompt", end_with_assistant=False)
+        if chat_template == "never":
+            raise DataError(source, "the prompt is a message list but chat_template=never; give it as a string or "
+                                    "use chat_template=auto", row, "prompt")
     text = prompt_text(tokenizer, prompt, chat_template=chat_template)
     templated = text is not prompt
     prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]

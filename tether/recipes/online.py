@@ -40,6 +40,7 @@ from tether.ops import entropy_from_logits, position_ids_from_mask, token_logpro
 from tether.rewards import RewardResult, available_rewards, get_reward
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
 from tether.runtime import distributed
+from tether.runtime.logger import trim_step_lines
 from tether.runtime.metrics import MetricMeans
 
 log = logging.getLogger("tether")
@@ -641,8 +642,7 @@ class SampleWriter:
     def __init__(self, run_dir: Path, every: int, *, start_step: int = 0, enabled: bool = True):
         self.path, self.every, self.enabled = Path(run_dir) / "samples.jsonl", every, enabled and every > 0
         if self.enabled and start_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            trim_step_lines(self.path, start_step)
         elif self.enabled and not start_step and self.path.exists():
             self.path.unlink()
 

@@ -130,8 +130,12 @@ def save_checkpoint(root: str | Path, step: int, *, model, tokenizer, optimizer,
                   errno.EACCES: "permission denied"}.get(err.errno, str(err))
         raise OSError(err.errno, f"cannot write checkpoint step-{step} in {root}: {reason}; "
                                  f"earlier checkpoints are intact") from None
-    for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".tmp-step-*"):  # writes killed before their rename: never complete, only garbage
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last > 0:  # keep the checkpoint just written (even below a stale higher step) and the newest others
+        others = [path for path in complete_checkpoints(root) if path != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,23 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def trim_step_lines(path: Path, last_step: int) -> None:
+    """Keep the lines of a one-JSON-object-per-line step log up to `last_step` (on resume). A line that does
+    not parse was torn by a crash mid-write, after the checkpoint: dropped. The file is replaced atomically,
+    so a crash during the trim loses nothing."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            kept.append(line)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
 
 
 class RunLogger:
@@ -56,8 +74,7 @@ class RunLogger:
         """On resume, drop metrics lines written after the checkpoint so the file equals an unbroken run."""
         self.metrics_file.close()
         path = self.run_dir / "metrics.jsonl"
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        trim_step_lines(path, step)
         self.metrics_file = open(path, "a")
 
     def log(self, step: int, metrics: dict) -> dict:
