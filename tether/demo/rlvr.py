@@ -28,7 +28,7 @@ REWARDS = [{"name": "math", "weight": 1.0, "extract": "answer_tag"},
 @dataclass
 class Size:
     n_sft: int          # cold-start demonstrations
-    n_rl: int           # GRPO prompts (disjoint from the test split)
+    n_rl: int           # extra GRPO prompts; GRPO also sees the SFT prompts (never the test split)
     n_test: int         # held-out problems
     sft_steps: int
     grpo_steps: int
@@ -39,7 +39,7 @@ class Size:
 
 
 SIZES = {
-    "default": Size(n_sft=250, n_rl=200, n_test=100, sft_steps=300, grpo_steps=60, prompts_per_step=16,
+    "default": Size(n_sft=250, n_rl=50, n_test=100, sft_steps=300, grpo_steps=80, prompts_per_step=16,
                     group_size=8, eval_n=8),
     "small": Size(n_sft=120, n_rl=60, n_test=40, sft_steps=120, grpo_steps=12, prompts_per_step=8, group_size=8,
                   eval_n=4, model="tiny:hidden_size=96,intermediate_size=256,num_hidden_layers=3"),
@@ -67,7 +67,7 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     s = SIZES[size]
     train_rows, test_rows = arithmetic_split(s.n_sft + s.n_rl, s.n_test, max_operand=MAX_OPERAND, seed=seed)
-    sft_rows, rl_rows = train_rows[: s.n_sft], train_rows[s.n_sft:]
+    sft_rows, rl_rows = train_rows[: s.n_sft], train_rows
     sft_data = write_jsonl(out / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["completion"]}
                                               for r in sft_rows])
     rl_data = write_jsonl(out / "rl_prompts.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in rl_rows])
@@ -88,7 +88,7 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
     grpo_final = grpo.train(load_config(grpo.GRPOConfig, None, {
         "model": str(sft_final), "data": rl_data, "eval_data": test_data, "output_dir": str(out / "grpo"),
         "max_steps": s.grpo_steps, "batch_size": s.prompts_per_step, "group_size": s.group_size,
-        "learning_rate": 1e-3, "lr_scheduler": "constant", "rewards": REWARDS, "kl_coef": 0.02,
+        "learning_rate": 1e-4, "lr_scheduler": "constant", "rewards": REWARDS, "kl_coef": 0.02,
         "max_completion_length": MAX_NEW_TOKENS, "max_prompt_length": 16, "temperature": 1.0, "seed": seed,
         "eval_steps": max(1, s.grpo_steps // 6), "sample_steps": max(1, s.grpo_steps // 6), "report_to": [],
     }))
@@ -124,7 +124,7 @@ def write_report(out: Path, summary: dict, before: dict, after: dict, test_rows:
                      if metric_series(metrics, k)[0]}),
         plot_series(out / "heldout_accuracy.png", "held-out accuracy (greedy) during GRPO",
                     {"math": metric_series(metrics, "eval/math/mean")}),
-        plot_series(out / "kl.png", "KL to the SFT reference", {"kl": metric_series(metrics, "kl")}),
+        plot_series(out / "kl.png", "KL to the SFT reference", {"kl": metric_series(metrics, "kl_ref")}),
         plot_series(out / "completion_length.png", "completion length (tokens)",
                     {"mean": metric_series(metrics, "completion_length_mean")}),
     ]
