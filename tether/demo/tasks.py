@@ -62,3 +62,34 @@ def preference_rows(n: int, *, seed: int = 0) -> list[dict]:
 def _answer(rng: random.Random, topic: str) -> str:
     words = [rng.choice(GOOD_WORDS + BAD_WORDS) for _ in range(rng.randint(1, 3))]
     return f" {topic} is {' '.join(words)}."
+
+
+# ----------------------------------------------------------------------------- RLHF / DPO demos
+
+
+def topic_prompt(topic: str) -> str:
+    return f"about {topic}:"
+
+
+def demonstration_rows(n: int, *, seed: int = 0) -> list[dict]:
+    """SFT rows `{prompt, completion}` whose answers draw good and bad words alike (gold 0 on average), so the
+    SFT policy says either kind and the preferences have something to improve."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        rows.append({"prompt": topic_prompt(topic), "completion": _answer(rng, topic)})
+    return rows
+
+
+def gold_rewards(prompts: list, completions: list, **columns) -> list[float]:
+    """`gold_reward` with the reward-function contract, so recipes can log it (weight 0) beside the proxy."""
+    return [gold_reward(completion) for completion in completions]
+
+
+def is_well_formed(completion: str) -> bool:
+    """Whether a completion is an answer of the task's form, "<subject> is w1 .. wk." with every w a known word
+    (the subject is not checked: the gold rule ignores it)."""
+    _, sep, rest = completion.partition(" is ")
+    words = rest.removesuffix(".").split(" ")
+    return bool(sep) and rest.endswith(".") and all(w in GOOD_WORDS + BAD_WORDS for w in words)
