@@ -8,6 +8,7 @@ result, even when the value there is NaN or inf.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -99,6 +100,143 @@ def kl_from_logits(
     return _map_row_chunks(rows_kl, rows, chunk_size).view(B, T)
 
 
+# --------------------------------------------------------------------------- log-probs from hidden states
+
+# Rows of logits per chunk of the fused head: ~64 MB of fp32 logits (V = 152k: 110 rows; V = 32k: 512).
+HEAD_CHUNK_BYTES = 64 * 2**20
+# Below this vocabulary size the logits are small and the model's own head is as fast (docs/benchmarks.md).
+FUSED_HEAD_MIN_VOCAB = 4096
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / t)[label] per row, a chunk of rows of logits at a time.
+
+    hidden (N, H), weight (V, H), labels (N,) long, all scored -> logprobs (N,) float32 and, when asked,
+    entropy (N,) float32 (no gradient). The forward keeps one log-normaliser per row; the backward
+    recomputes each chunk's logits and turns them into their gradient in place, using
+    d log p_y / d z = onehot(y) - softmax(z). One (chunk, V) buffer serves every pass: on CPU a fresh
+    large temporary per pass is page-faulted in and unmapped again, which costs as much as the matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk: int,
+                with_entropy: bool):
+        N, V = hidden.shape[0], weight.shape[0]
+        logprobs = hidden.new_empty(N, dtype=torch.float32)
+        log_norm = hidden.new_empty(N, dtype=torch.float32)
+        entropy = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
+        buffer = hidden.new_empty(min(chunk, N), V, dtype=torch.float32)
+        for start in range(0, N, chunk):
+            rows = slice(start, min(start + chunk, N))
+            z = _head_logits_into(buffer, hidden[rows], weight, temperature)  # (n, V) fp32
+            picked = z.gather(-1, labels[rows, None]).squeeze(-1)  # (n,)
+            peak = z.amax(-1, keepdim=True)  # (n, 1)
+            e = z.sub_(peak).exp_()  # (n, V) exp(z - max), in place
+            total = e.sum(-1)  # (n,)
+            log_norm[rows] = peak.squeeze(-1) + total.log()  # log sum_v exp z_v
+            logprobs[rows] = picked - log_norm[rows]
+            if with_entropy:  # H = log s - (1/s) sum e log e, with e = exp(z - max) and s = sum e
+                entropy[rows] = total.log() + torch.special.entr(e).sum(-1) / total
+        ctx.save_for_backward(hidden, weight, labels, log_norm)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor, _grad_entropy: Optional[Tensor] = None):
+        hidden, weight, labels, log_norm = ctx.saved_tensors
+        N, V = hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        scale = grad_logprobs.float() / ctx.temperature  # (N,) z = logits / t, so d/d logits carries 1/t
+        buffer = hidden.new_empty(min(ctx.chunk, N), V, dtype=torch.float32)
+        for start in range(0, N, ctx.chunk):
+            rows = slice(start, min(start + ctx.chunk, N))
+            g = scale[rows, None]  # (n, 1)
+            z = _head_logits_into(buffer, hidden[rows], weight, ctx.temperature)  # (n, V), recomputed
+            grad_z = z.sub_(log_norm[rows, None]).exp_().mul_(-g)  # -g * softmax(z), in place
+            grad_z.scatter_add_(-1, labels[rows, None], g)  # + g at the label
+            h = hidden[rows]
+            grad_z = grad_z.to(h.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_z, weight.to(h.dtype), out=grad_hidden[rows])  # (n, H)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_z.T.float(), h.float())  # (V, H)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _head_logits_into(buffer: Tensor, hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """hidden (n, H) @ weight.T / t written into buffer[:n] (fp32): no new (n, V) allocation on fp32."""
+    out = buffer[: hidden.shape[0]]
+    if hidden.dtype == weight.dtype == torch.float32:
+        torch.mm(hidden, weight.T, out=out)
+    else:  # bf16 / fp16: the GEMM in the compute dtype, the statistics in fp32
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        out.copy_(hidden.to(dtype) @ weight.to(dtype).T)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def linear_token_logprobs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-probs of `labels` under softmax(hidden @ weight.T / temperature), without the (B, T, V) logits.
+
+    hidden (B, T, H), weight (V, H) (the LM head), labels (B, T) long -> (logprobs (B, T) float32,
+    entropy (B, T) float32 or None). Only positions with labels >= 0 are projected onto the vocabulary;
+    the others are 0. Differentiable in hidden and weight (the entropy carries no gradient).
+    """
+    B, T = labels.shape
+    scored = labels >= 0  # (B, T)
+    chunk = max(16, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
+    logprobs, entropy = _LinearTokenLogprobs.apply(hidden[scored], weight, labels[scored], temperature, chunk,
+                                                   return_entropy)  # (n,), (n,)
+    logprobs = hidden.new_zeros(B, T, dtype=torch.float32).masked_scatter(scored, logprobs)
+    if return_entropy:
+        entropy = hidden.new_zeros(B, T, dtype=torch.float32).masked_scatter(scored, entropy)
+    return logprobs, entropy
+
+
+def _head_reproduces(logits: Tensor, hidden: Tensor, head: Tensor) -> bool:
+    """Whether hidden (B, H) @ head.T gives the model's own logits (B, V): the last hidden state is what the
+    head reads (checked on the one position per row the model projected anyway)."""
+    tolerance = 1e-3 if logits.dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        expected = hidden.to(head.dtype) @ head.T
+        return bool(torch.allclose(expected.float(), logits.float(), rtol=tolerance, atol=tolerance))
+
+
+def plain_lm_head(model: torch.nn.Module) -> Optional[Tensor]:
+    """The weight W (V, H) when `model`'s logits are exactly last_hidden @ W.T, else None.
+
+    Looks through DDP / torch.compile / PEFT wrappers. None for heads with a bias, a LoRA-wrapped head,
+    or logit scaling / soft-capping in the config (Gemma 2, Cohere, Granite), for models whose forward
+    takes no `logits_to_keep`, and for vocabularies under FUSED_HEAD_MIN_VOCAB: those keep the logits path.
+    """
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scaled = any(getattr(text_config, key, None) for key in ("final_logit_softcapping", "logit_scale",
+                                                              "logits_scaling", "output_multiplier"))
+    if type(head) is not torch.nn.Linear or head.bias is not None or scaled:
+        return None
+    if head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB:
+        return None
+    return head.weight
+
+
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """0, 1, 2, ... counted from each sequence's first real token: (B, T) -> (B, T) long.
 
@@ -116,6 +254,7 @@ def model_token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     return_entropy: bool = False,
+    target_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Log-prob of each next token under `model`, for left- or right-padded batches.
 
@@ -123,25 +262,42 @@ def model_token_logprobs(
     logprobs[:, t] = log pi(input_ids[:, t+1] | input_ids[:, :t+1]) at `temperature`;
     positions whose target token is padding are 0 (logprobs and entropy), and so is the
     position that predicts a left-padded sequence's first token from a pad token (the
-    unpadded sequence has no log-prob for its first token either).
+    unpadded sequence has no log-prob for its first token either). `target_mask` (B, T-1),
+    e.g. a loss mask, limits the scored targets further: the others are 0 too.
+
+    When the logits are a plain linear head on the last hidden state (most causal LMs), the
+    head is applied chunk by chunk to the scored positions only (`linear_token_logprobs`):
+    the (B, T, V) logits never exist. Otherwise the model's logits are used.
     """
     kwargs = {}
     if bool((attention_mask[:, 0] == 0).any()):  # left padding: positions must start at 0
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, T, V)
-
-    target_mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
+    target = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
+    if target_mask is not None:
+        target &= target_mask.bool()
     # Shift labels instead of slicing logits[:, :-1]: the slice is not contiguous and would
     # copy the whole (B, T, V) tensor. The last position gets label -100 and is dropped.
     labels = torch.full_like(input_ids, -100)  # (B, T)
-    labels[:, :-1] = input_ids[:, 1:].masked_fill(~target_mask, -100)
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(~target, -100)
+
+    head = plain_lm_head(model)
+    if head is not None:
+        # The model's own forward (so DDP / FSDP / PEFT hooks run); logits_to_keep=1 projects one position per row.
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=1, **kwargs)
+        hidden = out.hidden_states[-1]  # (B, T, H)
+        if _head_reproduces(out.logits[:, -1], hidden[:, -1], head):
+            logprobs, entropy = linear_token_logprobs(hidden, head, labels, temperature=temperature,
+                                                      return_entropy=return_entropy)  # (B, T), (B, T)
+            return logprobs[:, :-1], (entropy[:, :-1] if return_entropy else None)
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, T, V)
     logprobs = token_logprobs(logits, labels, chunk_size=chunk_size, temperature=temperature)
     logprobs = logprobs[:, :-1]  # (B, T-1)
-
     entropy = None
     if return_entropy:
         entropy = entropy_from_logits(logits, chunk_size=chunk_size, temperature=temperature)
-        entropy = torch.where(target_mask, entropy[:, :-1], torch.zeros_like(entropy[:, :-1]))
+        entropy = torch.where(target, entropy[:, :-1], torch.zeros_like(entropy[:, :-1]))
     return logprobs, entropy
 
 

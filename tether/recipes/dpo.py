@@ -102,8 +102,9 @@ class DPOConfig(TrainConfig):
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-probs (N,), completion lengths (N,)) of a collated batch."""
-    logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (N, T-1)
     mask = batch["loss_mask"]  # (N, T-1)
+    logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                       target_mask=mask)  # (N, T-1), prompt positions not scored
     return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
 
 

@@ -36,7 +36,7 @@ from tether.data.chat import prompt_text, validate_messages
 from tether.data.loading import DataError, load_rows
 from tether.losses import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.models import unwrap
-from tether.ops import entropy_from_logits, position_ids_from_mask, token_logprobs
+from tether.ops import entropy_from_logits, model_token_logprobs, position_ids_from_mask, token_logprobs
 from tether.rewards import RewardResult, available_rewards, get_reward
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
 from tether.runtime import distributed
@@ -430,6 +430,14 @@ def completion_forward(model, batch: dict, *, temperature: float = 1.0, entropy:
     """
     P = batch["prompt_length"]
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (n, P+C)
+    if value_head is None and not entropy_grad:
+        # Only the completion targets are scored; with a plain LM head the prompt positions are never
+        # projected onto the vocabulary and the (n, P+C, V) logits never exist (ops.linear_token_logprobs).
+        target_mask = torch.zeros_like(attention_mask[:, 1:])  # (n, P+C-1)
+        target_mask[:, P - 1:] = batch["completion_mask"]
+        logprobs, token_entropy = model_token_logprobs(model, input_ids, attention_mask, temperature=temperature,
+                                                       return_entropy=entropy, target_mask=target_mask)
+        return logprobs[:, P - 1:], (token_entropy[:, P - 1:] if entropy else None), None
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask),  # prompts are left-padded
                 output_hidden_states=value_head is not None)

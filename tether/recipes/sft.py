@@ -87,7 +87,8 @@ def train(config: SFTConfig) -> Path:
             batch = {k: v.to(run.device) for k, v in collate_sft([examples[i] for i in micro],
                                                                  tokenizer.pad_token_id).items()}
             with autocast(run):
-                logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
+                logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                    target_mask=batch["loss_mask"])  # (B, T-1)
             loss, _ = sft_loss(logprobs, batch["loss_mask"], num_tokens=num_tokens)
             # DDP averages gradients over ranks; each rank's loss is already a share of the global mean.
             (loss * distributed.world_size()).backward()
@@ -117,7 +118,8 @@ def evaluate_loss(model, examples, tokenizer, batch_size: int, device) -> float:
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(examples[start: start + batch_size],
                                                          tokenizer.pad_token_id).items()}
-        logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                           target_mask=batch["loss_mask"])
         total += float(-(logprobs * batch["loss_mask"]).sum())
         count += int(batch["loss_mask"].sum())
     model.train(was_training)

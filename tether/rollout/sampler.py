@@ -202,6 +202,59 @@ def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     return race.reciprocal_().mul_(probs).argmax(-1)
 
 
+# Above this vocabulary size, unfiltered sampling draws by inverse CDF (`draw_inverse_cdf`): the exponential
+# race needs V random numbers per row, ~0.2 s of one CPU core per step at V = 152k and 64 rows, more than the
+# model's forward; below it the race is the cheaper of the two (docs/benchmarks.md).
+INVERSE_CDF_MIN_VOCAB = 8192
+INVERSE_CDF_BLOCK = 1024  # entries per block of the two-level prefix sum
+_WORKSPACE: dict = {}
+
+
+def _workspace(like: Tensor) -> Tensor:
+    """A (B, V) fp32 scratch buffer kept from step to step: a fresh 40 MB tensor per step is page-faulted in
+    and unmapped again by the CPU allocator, which costs as much as filling it."""
+    key = (tuple(like.shape), like.device)
+    if key not in _WORKSPACE:
+        _WORKSPACE.clear()
+        _WORKSPACE[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    return _WORKSPACE[key]
+
+
+def draw_inverse_cdf(scaled: Tensor, generator: torch.Generator,
+                     banned_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One token per row of softmax(scaled) (B, V) by inverse CDF, and its log-prob before banning.
+
+    One uniform number per row. The prefix sum is two-level so it stays exact: fp32 sums of blocks of
+    INVERSE_CDF_BLOCK entries, a float64 prefix sum over the blocks picks the block, a float64 prefix sum inside
+    that one block picks the token. Passes over (B, V): max, exp(z - max) in place, block sums.
+    Returns (tokens (B,) long, logprobs (B,) float32); `banned_ids` are never drawn.
+    """
+    B, V = scaled.shape
+    K = INVERSE_CDF_BLOCK
+    peak = scaled.amax(-1, keepdim=True)  # (B, 1)
+    weights = torch.sub(scaled, peak, out=_workspace(scaled)).exp_()  # (B, V) exp(z - max)
+    full = V // K
+    block_sums = weights[:, :full * K].view(B, full, K).sum(-1).double()  # (B, full)
+    if full * K < V:  # the last, shorter block
+        block_sums = torch.cat([block_sums, weights[:, full * K:].sum(-1, keepdim=True).double()], -1)
+    log_norm = peak.squeeze(-1).double() + block_sums.sum(-1).log()  # (B,) of the full distribution
+    if banned_ids is not None and len(banned_ids):
+        block_sums.index_add_(1, banned_ids // K, -weights[:, banned_ids].double())
+        block_sums.clamp_(min=0.0)
+        weights[:, banned_ids] = 0.0
+    prefix = block_sums.cumsum(-1)  # (B, blocks)
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=scaled.device) * prefix[:, -1:]
+    block = torch.searchsorted(prefix, u, right=True).clamp_(max=prefix.shape[1] - 1)  # (B, 1)
+    before = torch.where(block > 0, prefix.gather(-1, (block - 1).clamp(min=0)), 0.0)  # mass of earlier blocks
+    index = block * K + torch.arange(K, device=scaled.device)  # (B, K) the chosen block's entries
+    inside = weights.gather(-1, index.clamp(max=V - 1)).double().masked_fill_(index >= V, 0.0).cumsum(-1)
+    offset = torch.searchsorted(inside, u - before, right=True)  # (B, 1)
+    last_nonzero = (inside < inside[:, -1:]).sum(-1, keepdim=True)  # rounding never lands past it
+    tokens = (block * K + torch.minimum(offset, last_nonzero)).squeeze(-1)  # (B,)
+    logprobs = scaled.gather(-1, tokens[:, None]).squeeze(-1).double() - log_norm
+    return tokens, logprobs.float()
+
+
 def select_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator,
                   banned_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Choose the next token of each row and its sampling log-prob.
@@ -210,7 +263,10 @@ def select_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
     min_new_tokens) cannot be chosen, but the log-prob is of the full, unbanned, unfiltered distribution.
     """
     logits = logits.float()
-    scaled = logits / params.temperature if params.temperature > 0 else logits  # (B, V)
+    scaled = logits / params.temperature if params.temperature not in (0.0, 1.0) else logits  # (B, V)
+    unfiltered = params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0
+    if params.temperature > 0 and unfiltered and scaled.shape[-1] >= INVERSE_CDF_MIN_VOCAB:
+        return draw_inverse_cdf(scaled, generator, banned_ids)
     logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if banned_ids is not None:
         scaled = scaled.index_fill(-1, banned_ids, float("-inf"))

@@ -8,8 +8,12 @@ import torch
 
 
 def build_optimizer(params, *, learning_rate: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
+    """AdamW; the fused single-kernel implementation (CPU and CUDA, torch >= 2.4) when every parameter allows it:
+    the same update as the for-loop one (TRL gets it through transformers' default optim="adamw_torch_fused")."""
     params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas))
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=tuple(betas),
+                             fused=True if fused else None)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
