@@ -202,6 +202,8 @@ def run_best_of_n(out: Path, sft_final: Path, rm_final: Path, s: Size, seed: int
 
 
 def run(output_dir: str, *, seed: int = 0, size: str = "default", which: str = "rlhf", **_) -> dict:
+    if which not in ("rlhf", "dpo"):
+        raise ValueError(f"which must be 'rlhf' or 'dpo', got {which!r}")
     start = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
