@@ -30,11 +30,11 @@ from tether.config import load_config
 from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html
 from tether.demo.tasks import (TOPICS, demonstration_rows, gold_reward, is_well_formed, preference_rows,
                                topic_prompt)
-from tether.eval.generation import sample_rows
+from tether.generate import encode_prompt
 from tether.models.value import RewardScorer
 from tether.ops import model_token_logprobs
 from tether.recipes import best_of_n, dpo, grpo, ppo, reward_model, sft
-from tether.rollout import SamplingParams
+from tether.rollout import SamplingParams, get_sampler
 from tether.runtime.checkpoint import complete_checkpoints
 from tether.runtime.device import choose_device
 
@@ -95,30 +95,31 @@ class Judge:
         self.reference, self.tokenizer = models.load(str(reference), device=self.device)
         self.reference.eval()
         self.scorer = RewardScorer(str(reward_model_dir), device=self.device, batch_size=256)
-        self.rows = [{"prompt": topic_prompt(t)} for t in TOPICS]
+        self.prompts = [topic_prompt(t) for t in TOPICS]
+        self.prompt_ids = [encode_prompt(self.tokenizer, p, "auto") for p in self.prompts]  # as SFT tokenized them
         self.params = SamplingParams(n=n, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, seed=seed)
 
     @torch.no_grad()
     def __call__(self, policy: Path, *, keep: int = 0) -> dict:
         model, _ = models.load(str(policy), device=self.device)
         model.eval()
-        batch = sample_rows(model, self.tokenizer, self.rows, self.params, batch_size=len(self.rows))
+        batch = get_sampler("builtin", model, self.tokenizer).generate(self.prompt_ids, self.params)
         tensors = batch.to_tensors(self.tokenizer.pad_token_id, self.device)
         P = tensors["prompt_length"]
         ref_logprobs = model_token_logprobs(self.reference, tensors["input_ids"], tensors["attention_mask"])[0]
         ref_logprobs = ref_logprobs[:, P - 1:]  # (N, C), lines up with the sampled completion tokens
         kl = ((tensors["sampling_logprobs"] - ref_logprobs) * tensors["completion_mask"]).sum(-1)  # (N,)
-        rows = [self.rows[i] for i in batch.prompt_index]
-        proxy = self.scorer.score([r["prompt"] for r in rows], batch.completions)
+        prompts = [self.prompts[i] for i in batch.prompt_index]
+        proxy = self.scorer.score(prompts, batch.completions)
         gold = [gold_reward(c) for c in batch.completions]
         formed = [is_well_formed(c) for c in batch.completions]
         result = {"gold": mean(gold), "proxy": mean(proxy), "kl": float(kl.mean()), "well_formed": mean(formed),
                   "length": mean([len(ids) for ids in batch.completion_ids])}
         if keep:
-            step = max(1, len(rows) // keep)
-            result["samples"] = [{"prompt": rows[i]["prompt"], "completion": batch.completions[i],
+            step = max(1, len(prompts) // keep)
+            result["samples"] = [{"prompt": prompts[i], "completion": batch.completions[i],
                                   "reward": f"proxy {proxy[i]:.2f}, gold {gold[i]:g}"}
-                                 for i in range(0, len(rows), step)][:keep]
+                                 for i in range(0, len(prompts), step)][:keep]
         return result
 
 
