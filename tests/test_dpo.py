@@ -317,3 +317,25 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     read = lambda name: [{k: v for k, v in json.loads(x).items() if k not in ("step_time", "tokens_per_s")}  # noqa
                          for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert read("straight") == read("resumed") and len(read("resumed")) == 6
+
+
+def test_orpo_nll_is_a_token_mean_over_the_global_batch_whatever_the_micro_batches(tmp_path):
+    """ORPO's NLL divides by the chosen-token count of the whole batch, not of each micro-batch, so that
+    splitting a batch of chosen answers of very different lengths into micro-batches changes nothing: the
+    same logged loss and the same weights after two steps as one micro-batch per step."""
+    rng = random.Random(1)
+    rows = [{"prompt": f"{w}?", "chosen": "yes " + "y" * rng.randint(1, 12), "rejected": f"no, {w}"}
+            for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    runs = {}
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        train(load_config(DPOConfig, None, {
+            "model": TINY, "data": data, "output_dir": str(out), "loss": "orpo", "max_steps": 2, "batch_size": 8,
+            "micro_batch_size": micro, "learning_rate": 1e-2, "max_length": 32, "report_to": [], "progress": False}))
+        runs[micro] = ([json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()],
+                       load(str(out / "final"))[0].state_dict())
+    (whole, whole_weights), (split, split_weights) = runs[8], runs[2]
+    assert split == pytest.approx(whole, abs=1e-5)
+    for name, value in whole_weights.items():
+        torch.testing.assert_close(split_weights[name], value, atol=1e-5, rtol=0)

@@ -172,13 +172,18 @@ _MAX_AVG_LOGP = -1e-6
 
 @register_preference_loss("orpo")
 def orpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta,
-              chosen_lengths, rejected_lengths, orpo_lambda: Optional[float] = None, **_: object):
+              chosen_lengths, rejected_lengths, orpo_lambda: Optional[float] = None,
+              nll_tokens: Optional[torch.Tensor | float] = None, **_: object):
     """ORPO, Hong et al. 2024, eq. 6: L = NLL(chosen) + lambda * -log sigma(log odds_w - log odds_l).
 
     lambda is `beta`, as in TRL's ORPOTrainer (`orpo_lambda`, if given, overrides it).
     log odds(y) = log(p / (1 - p)) with log p the length-averaged log-prob (eq. 4):
     avg - log(1 - exp(avg)). NLL is the token mean over the chosen completions:
     -sum(chosen_logps) / sum(chosen_lengths). Reference-free.
+
+    nll_tokens replaces sum(chosen_lengths) when this batch is a micro-batch of a larger one: its share of the
+    large batch's chosen-token count, so that micro-batch losses weighted by their share of the pairs add up to
+    the large batch's token mean, whatever the split (gradient accumulation, data parallelism).
     """
     lam = beta if orpo_lambda is None else orpo_lambda
     avg_w = (chosen_logps / chosen_lengths.clamp(min=1)).clamp(max=_MAX_AVG_LOGP)  # (B,)
@@ -186,7 +191,8 @@ def orpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_
     log_odds_w = avg_w - torch.log(-torch.expm1(avg_w))  # log(p/(1-p)); -expm1(a) = 1 - e^a
     log_odds_l = avg_l - torch.log(-torch.expm1(avg_l))
     ratio_loss = -F.logsigmoid(log_odds_w - log_odds_l).mean()  # eq. 7
-    nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    denominator = chosen_lengths.sum().clamp(min=1) if nll_tokens is None else nll_tokens
+    nll = -chosen_logps.sum() / denominator
     metrics = _preference_metrics(beta * avg_w, beta * avg_l, chosen_logps, rejected_logps)
     metrics.update(_detached(nll_loss=nll, log_odds_ratio=(log_odds_w - log_odds_l).mean()))
     return nll + lam * ratio_loss, metrics

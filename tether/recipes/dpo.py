@@ -164,11 +164,14 @@ def precompute_reference(reference: Reference, examples, partners, pad_id: int, 
 
 
 def batch_loss(config: DPOConfig, model, reference, examples, index, cache, partners, pad_id, device,
-               kl_ref_point=None):
-    """(loss, metrics) of examples[index]: the mean over these examples."""
+               kl_ref_point=None, chosen_tokens_per_pair=None):
+    """(loss, metrics) of examples[index]: the mean over these examples. ORPO's NLL is a token mean: with
+    `chosen_tokens_per_pair` (of the global batch) it divides by this micro-batch's share of the global count."""
     chunk = [examples[i] for i in index]
     knobs = dict(beta=config.beta, label_smoothing=config.label_smoothing, gamma=config.gamma,
                  orpo_lambda=config.orpo_lambda)
+    if chosen_tokens_per_pair is not None:
+        knobs["nll_tokens"] = chosen_tokens_per_pair * len(chunk)
     if config.loss == "kto":
         logps, _, labels = unpaired_logps(model, chunk, pad_id, device)
         ref = cache[index, 0] if cache is not None else reference.logps(unpaired_logps, chunk, pad_id, device)
@@ -285,10 +288,13 @@ def train(config: DPOConfig) -> Path:
                 kl_ref_point = kto_kl_estimate(model, reference, examples, global_batch, cache, partners, pad_id,
                                                micro_size, run.device)
         means = MetricMeans()
+        per_pair = None  # ORPO's NLL: the global batch's chosen tokens per pair, as every rank sees the batch
+        if config.loss == "orpo":
+            per_pair = max(1, sum(len(examples[i].chosen_ids) for i in global_batch)) / n_global
         for micro in split_micro_batches(distributed.shard(global_batch), micro_size):
             with autocast(run):
                 loss, metrics = batch_loss(config, model, reference, examples, micro, cache, partners, pad_id,
-                                           run.device, kl_ref_point)  # loss: mean over `micro`
+                                           run.device, kl_ref_point, per_pair)  # loss: mean over `micro`
             # Weight the micro-batch mean to its share of the global-batch mean; DDP averages over ranks.
             (loss * len(micro) / n_global * distributed.world_size()).backward()
             add_metrics(means, config, {"loss": loss.detach(), **metrics}, len(micro))
