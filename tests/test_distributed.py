@@ -192,6 +192,192 @@ def test_two_ddp_ranks_equal_one_process_for_grpo(tmp_path):
     assert loss_diff < TOLERANCE and reward_diff < TOLERANCE and weight_diff < TOLERANCE
 
 
+def test_minibatches_are_the_same_on_any_number_of_ranks(monkeypatch):
+    """24 completions in 3 minibatches: gathered over 2 or 4 simulated ranks (rank r holds global rows r·n ..),
+    each minibatch's rows are one process's. A minibatch takes one row of every 3 consecutive ones, in a
+    seeded order; with 5 rows per rank (3 does not divide 5) the ranks' minibatches still have equal sizes."""
+    from tether.recipes.online import minibatches
+
+    whole = [sorted(rows.tolist()) for rows in minibatches(24, 3, seed=7)]
+    assert sorted(sum(whole, [])) == list(range(24))
+    assert all(len({row // 3 for row in rows}) == 8 for rows in whole)  # one row from each run of 3
+    assert all(len({row % 3 for row in rows}) > 1 for rows in whole)  # shuffled: not rows 0, 3, 6, ...
+    for ranks in (2, 4):
+        n, parts = 24 // ranks, [[], [], []]
+        for r in range(ranks):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            for m, rows in enumerate(minibatches(n, 3, seed=7)):
+                parts[m] += [r * n + i for i in rows.tolist()]
+        assert [sorted(rows) for rows in parts] == whole, ranks
+    sizes = set()
+    for r in range(2):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        sizes.add(tuple(len(rows) for rows in minibatches(5, 3, seed=7)))
+    assert sizes == {(2, 2, 1)}
+
+
+PPO_REWARD = GRPO_REWARD
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_equal_one_process_for_ppo(tmp_path):
+    """PPO with a separate critic: the critic is a second DDP model with its own optimizer, the advantages are
+    whitened over the global batch, the adaptive KL controller reads the global KL, and two shuffled minibatches
+    per epoch must hold the same completions whatever the number of ranks. Sampling at temperature 1, 2 prompts
+    per sampler call (generation_batch_size): each call is seeded by its prompts' place in the global batch,
+    so both runs sample the same completions."""
+    from tether.recipes import ppo
+
+    (tmp_path / "reward.py").write_text(PPO_REWARD)
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": word}) + "\n" for word in ["cat", "dog", "ox", "bee", "a", "owl", "pig", "hen"]))
+    keys = {"model": MODEL, "data": tmp_path / "prompts.jsonl", "batch_size": 4, "group_size": 2,
+            "max_completion_length": 6, "generation_batch_size": 2, "ppo_epochs": 2, "num_minibatches": 2,
+            "kl_coef": 0.05,
+            "kl_controller": "adaptive_proportional", "kl_target": 0.01, "kl_horizon": 100,
+            "rewards": f"[{{name: '{tmp_path / 'reward.py'}:prompt_length_and_variety'}}]", "learning_rate": 1e-2,
+            "lr_scheduler": "constant", "max_steps": 3, "sample_steps": 1, "progress": False, "report_to": []}
+    one = ppo.train(load_config(ppo.PPOConfig, None, overrides({**keys, "output_dir": tmp_path / "one"})))
+    torchrun("ppo", {**keys, "output_dir": tmp_path / "two"})
+    one_metrics, two_metrics = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    diffs = {key: max(abs(a[key] - b[key]) for a, b in zip(one_metrics, two_metrics))
+             for key in ["loss", "policy_loss", "value_loss", "reward_mean", "adv_std", "kl_coef"]}
+    weight_diff = max_weight_diff(tmp_path / "two" / "final", one)
+    critic_diff = max_weight_diff(tmp_path / "two" / "critic", one.parent / "critic")
+    print(f"PPO 2 DDP ranks vs 1 process: {', '.join(f'max |Δ{k}| {v:.2e}' for k, v in diffs.items())}, "
+          f"max |Δweight| policy {weight_diff:.2e}, critic {critic_diff:.2e}")
+    assert [row["step"] for row in two_metrics] == [1, 2, 3]
+    assert len({row["kl_coef"] for row in one_metrics}) == 3  # the adaptive β moved every step
+    # The same completions, all of them in samples.jsonl (rank 0 writes both ranks'), and real draws: the two
+    # completions of a prompt differ.
+    samples = (tmp_path / "two" / "samples.jsonl").read_text()
+    assert samples == (tmp_path / "one" / "samples.jsonl").read_text()
+    rows = [json.loads(line) for line in samples.splitlines()]
+    assert len(rows) == 3 * 8 and sum(a["completion"] != b["completion"] for a, b in zip(rows[::2], rows[1::2])) > 6
+    assert max(diffs.values()) < TOLERANCE and weight_diff < TOLERANCE and critic_diff < TOLERANCE
+
+
+# ----------------------------------------------------------------------------- sampling recipes
+
+# The reward of best-of-n and rft: the completion's length, None (cannot judge) for the prompt "skip".
+LENGTH_REWARD = """
+def length(prompts, completions, **columns):
+    return [None if p == "skip" else float(len(c)) for p, c in zip(prompts, completions)]
+"""
+WORDS = ["cat", "dog", "ox", "skip", "bee", "owl", "pig"]  # 7 prompts: chunks of 2 split 4 + 3 over 2 ranks
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    (tmp_path / "reward.py").write_text(LENGTH_REWARD)
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": word, "id": i}) + "\n" for i, word in enumerate(WORDS)))
+    return tmp_path / "prompts.jsonl"
+
+
+def sampling_keys(tmp_path) -> dict:
+    """Temperature-1 sampling, 2 prompts per generate call: each rank samples whole chunks, seeded as one
+    process seeds them, so the samples are the same; a rank-dependent seed would change them."""
+    return {"sampling.n": 3, "sampling.max_new_tokens": 8, "sampling.temperature": 1.0, "sampling.batch_size": 2,
+            "seed": 3, "rewards": f"[{{name: '{tmp_path / 'reward.py'}:length'}}]"}
+
+
+def test_rank_shares_of_the_samples_add_up_to_one_process(prompts, monkeypatch):
+    """`sample_share` on 3 simulated ranks: 7 rows in chunks of 2 → rows 0-3, 4-5 and 6; put together in rank
+    order they are exactly one process's samples (nothing duplicated or dropped, the same draws)."""
+    from tether import models
+    from tether.data.loading import load_rows
+    from tether.eval.generation import sample_rows, sample_share
+    from tether.rollout import SamplingParams
+
+    model, tokenizer = models.load(MODEL, seed=0)
+    rows, params = load_rows(str(prompts)), SamplingParams(n=3, max_new_tokens=8, temperature=1.0, seed=3)
+    whole = sample_rows(model, tokenizer, rows, params, batch_size=2)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shares, completions, prompt_index = [], [], []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        share, batch = sample_share(model, tokenizer, rows, params, batch_size=2)
+        shares.append(share)
+        completions += batch.completions
+        prompt_index += [share.start + p for p in batch.prompt_index]
+    assert shares == [range(0, 4), range(4, 6), range(6, 7)]
+    assert (completions, prompt_index) == (whole.completions, whole.prompt_index)
+    assert len(set(whole.completions)) > len(rows)  # real draws, not one repeated completion
+
+
+def test_shard_chunks_deals_whole_chunks(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    for count, chunk, expected in [(10, 2, [(0, 4), (4, 8), (8, 10)]), (7, 4, [(0, 4), (4, 7), (7, 7)]),
+                                   (0, 2, [(0, 0)] * 3), (9, 1, [(0, 3), (3, 6), (6, 9)])]:
+        shares = []
+        for r in range(3):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            share = distributed.shard_chunks(count, chunk)
+            shares.append((share.start, share.stop))
+        assert shares == expected, (count, chunk)
+
+
+def test_two_ranks_write_the_same_best_of_n_files_as_one_process(prompts, tmp_path):
+    from tether.recipes import best_of_n
+
+    keys = {"model": MODEL, "data": prompts, "write_all": True, **sampling_keys(tmp_path)}
+    best_of_n.run(load_config(best_of_n.BestOfNConfig, None, overrides({**keys, "output_dir": tmp_path / "one"})))
+    torchrun("best-of-n", {**keys, "output_dir": tmp_path / "two"})
+    for name in ["best.jsonl", "all.jsonl", "summary.json"]:
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    every = [json.loads(line) for line in (tmp_path / "two" / "all.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in every] == [i for i in range(len(WORDS)) for _ in range(3)]  # each prompt once
+    best = [json.loads(line) for line in (tmp_path / "two" / "best.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in best] == [w for w in WORDS if w != "skip"]
+    assert len({row["completion"] for row in every}) > len(WORDS)
+
+
+def test_two_ranks_equal_one_process_for_rft(prompts, tmp_path):
+    """One round: the same samples.jsonl and kept.jsonl, then the round's SFT on 2 DDP ranks."""
+    from tether.recipes import rft
+
+    keys = {"model": MODEL, "data": prompts, "top_k": 1, "batch_size": 2, "max_steps": 3, "learning_rate": 1e-2,
+            "lr_scheduler": "constant", "max_length": 32, "progress": False, "report_to": [],
+            **sampling_keys(tmp_path)}
+    one = rft.train(load_config(rft.RFTConfig, None, overrides({**keys, "output_dir": tmp_path / "one"})))
+    torchrun("rft", {**keys, "output_dir": tmp_path / "two"})
+    for name in ["round-1/samples.jsonl", "round-1/kept.jsonl"]:
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    kept = [json.loads(line) for line in (tmp_path / "two" / "round-1" / "kept.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in kept] == [i for i, w in enumerate(WORDS) if w != "skip"]  # top_k=1: one each
+    loss_diff = max_loss_diff(read_metrics(tmp_path / "two" / "round-1" / "sft"),
+                              read_metrics(tmp_path / "one" / "round-1" / "sft"))
+    weight_diff = max_weight_diff(tmp_path / "two" / "final", one)
+    print(f"RFT 2 DDP ranks vs 1 process: max |Δloss| {loss_diff:.2e}, max |Δweight| {weight_diff:.2e}")
+    assert loss_diff < TOLERANCE and weight_diff < TOLERANCE
+
+
+def test_two_ranks_equal_one_process_for_distill(tmp_path):
+    """Teacher traces sampled in shares (the same traces.jsonl), then token-level KD on 2 DDP ranks."""
+    from tether.recipes import distill
+
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{a}:", "animal": a}) + "\n" for a in PAIRS))
+    keys = {"model": MODEL, "teacher": "tiny:hidden_size=48,intermediate_size=96,num_hidden_layers=1",
+            "data": tmp_path / "prompts.jsonl", "kd_coef": 0.5, "batch_size": 4, "micro_batch_size": 2,
+            "max_steps": 3, "learning_rate": 1e-2, "lr_scheduler": "constant", "max_length": 32,
+            "sampling.max_new_tokens": 8, "sampling.batch_size": 3, "progress": False, "report_to": []}
+    one = distill.train(load_config(distill.DistillConfig, None, overrides({**keys, "output_dir": tmp_path / "one"})))
+    torchrun("distill", {**keys, "output_dir": tmp_path / "two"})
+    traces = (tmp_path / "two" / "traces.jsonl").read_text()
+    assert traces == (tmp_path / "one" / "traces.jsonl").read_text()
+    assert [json.loads(line)["animal"] for line in traces.splitlines()] == list(PAIRS)
+    one_metrics, two_metrics = read_metrics(tmp_path / "one" / "student"), read_metrics(tmp_path / "two" / "student")
+    diffs = {key: max(abs(a[key] - b[key]) for a, b in zip(one_metrics, two_metrics))
+             for key in ["loss", "nll", "kd_loss"]}
+    weight_diff = max_weight_diff(tmp_path / "two" / "final", one)
+    print(f"distill (KD) 2 DDP ranks vs 1 process: {', '.join(f'max |Δ{k}| {v:.2e}' for k, v in diffs.items())}, "
+          f"max |Δweight| {weight_diff:.2e}")
+    assert [row["step"] for row in two_metrics] == [1, 2, 3] and min(row["kd_loss"] for row in two_metrics) > 0
+    assert max(diffs.values()) < TOLERANCE and weight_diff < TOLERANCE
+
+
 # ----------------------------------------------------------------------------- failures
 
 def start_long_run(task, run_dir: Path, timeout_s: float) -> tuple[subprocess.Popen, Path]:

@@ -300,6 +300,14 @@ def test_value_loss_hand_value():
     close(value_loss(returns, old, returns, mask)[1]["explained_variance"], 1.0)  # perfect critic
 
 
+def test_value_clip_frac_ignores_rounding():
+    """|v − v_old| = 0.187 < ε = 0.2, so v is not clipped; but in float32 v_old + (v − v_old) is one rounding
+    step below v here (they have opposite signs), which made the clipped branch look larger."""
+    values, old, returns = t(-0.13765870034694672), t(0.04933277517557144), t(0.4152115285396576)
+    assert old + (values - old) != values  # the rounding the metric must not count
+    assert value_loss(values, old, returns, torch.ones(1), clip=0.2)[1]["value_clip_frac"].item() == 0.0
+
+
 def test_entropy_bonus_hand_value():
     """entropy (1, 2, masked 3), coef 0.01 -> -0.01 * 1.5 = -0.015."""
     loss, metrics = entropy_bonus(t(1.0, 2.0, 3.0).view(1, 3), torch.tensor([[1, 1, 0]]), coef=0.01)

@@ -317,7 +317,7 @@ def value_loss(
     """Clipped value loss 1/2 max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2), (B, T).
 
     PPO value clipping as in OpenAI baselines ppo2 / CleanRL; clip=None gives 1/2 (v - R)^2.
-    metrics: value_clip_frac (clipped branch is the larger), explained_variance
+    metrics: value_clip_frac (v is clipped and the clipped branch is the larger), explained_variance
     1 - Var(R - v) / Var(R) over masked tokens (1 if both are 0, 0 if only Var(R) is,
     as sklearn's force_finite), value_mean.
     """
@@ -328,7 +328,9 @@ def value_loss(
         clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
         clipped = (clipped_values - returns) ** 2
         per_token = 0.5 * torch.max(unclipped, clipped)
-        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        # Only where the clamp acts: elsewhere old + (v - old) may still differ from v by one rounding step.
+        clip_active = (values - old_values).abs() > clip
+        clip_frac = masked_mean((clip_active & (clipped > unclipped)).float(), mask)
     loss = aggregate(per_token, mask, agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
 
     var_returns = masked_var(returns, mask, unbiased=False)

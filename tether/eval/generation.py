@@ -15,7 +15,7 @@ With c of n samples correct:
 
 `evaluate(model, tokenizer, rows, ...)` is the same evaluation in process (no reloading), returning a dict.
 This module also holds `sample_rows`, the "sample completions for dataset rows" step that best-of-n,
-rejection sampling and distillation share.
+rejection sampling and distillation share, and `sample_share`, its part for one rank under torchrun.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tether.data.loading import DataError, load_rows
 from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
 from tether.generate import encode_prompt
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
+from tether.runtime import distributed
 
 log = logging.getLogger("tether")
 
@@ -67,6 +68,24 @@ def sample_rows(model, tokenizer, rows: list[dict], params: SamplingParams, *, b
         batches.append(sampler.generate(prompt_ids[start:start + batch_size], replace(params, seed=seed)))
         log.info("sampled %d/%d prompts × %d", min(start + batch_size, len(prompt_ids)), len(prompt_ids), params.n)
     return concat_batches(batches)
+
+
+def sample_share(model, tokenizer, rows: list[dict], params: SamplingParams, *, batch_size: int = 16,
+                 chat_template: str = "auto", engine: str = "builtin",
+                 source: str = "data") -> tuple[range, RolloutBatch]:
+    """This rank's part of `sample_rows(rows, ...)` under torchrun: whole chunks of `batch_size` prompts
+    (`distributed.shard_chunks`), chunk c seeded with `params.seed + c` exactly as one process seeds it, so the
+    samples do not depend on the number of ranks. Returns (the rows sampled, their batch, whose prompt_index
+    counts from the first of those rows); in one process (range(len(rows)), sample_rows(rows, ...)).
+
+    Every row's prompt is checked first, so a bad row is reported with its index in `rows` on every rank."""
+    prompts_of(rows, source)
+    share = distributed.shard_chunks(len(rows), batch_size)
+    first_chunk = share.start // batch_size
+    seed = None if params.seed is None else params.seed + first_chunk
+    batch = sample_rows(model, tokenizer, rows[share.start:share.stop], replace(params, seed=seed),
+                        batch_size=batch_size, chat_template=chat_template, engine=engine, source=source)
+    return share, batch
 
 
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 from tether import models
-from tether.config import ConfigError, save_config
+from tether.config import ConfigError, DistributedConfig, save_config
 from tether.data.loading import load_rows
-from tether.eval.generation import sample_rows, write_jsonl
+from tether.eval.generation import sample_share, write_jsonl
 from tether.eval.score import score_samples
 from tether.rewards import RewardSet
 from tether.rollout import SamplingParams
+from tether.runtime import distributed
 from tether.runtime.device import choose_device, choose_dtype
 
 log = logging.getLogger("tether")
@@ -98,6 +99,9 @@ class BestOfNConfig:
     """auto, cpu or cuda[:N]."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: auto = float32 on CPU, bfloat16 on CUDA."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Under torchrun: timeout_s (every rank holds the whole sampling model and samples its share of the
+    prompts; strategy does not apply)."""
 
     def validate(self) -> None:
         if not self.rewards and not self.reward_model:
@@ -135,19 +139,25 @@ def sample_and_score(model, tokenizer, rows: list[dict], *, sampling: SamplingCo
                      seed: int, chat_template: str = "auto", source: str = "data") -> list[list[dict]]:
     """N samples per row, scored. Returns, per row, its samples as dicts:
     {prompt, completion, reward (weighted total), rewards: {function: value}, sample_index, finish_reason,
-    completion_tokens, ...the row's other columns}."""
-    batch = sample_rows(model, tokenizer, rows, sampling.params(seed), batch_size=sampling.batch_size,
-                        chat_template=chat_template, engine=sampling.engine, source=source)
-    lengths = [len(ids) for ids in batch.completion_ids]
-    scored = score_samples(rewards, rows, batch.completions, batch.prompt_index, completion_lengths=lengths)
-    per_row: list[list[dict]] = [[] for _ in rows]
-    for i, (p, j) in enumerate(zip(batch.prompt_index, batch.sample_index)):
-        per_row[p].append({
-            **rows[p], "completion": batch.completions[i], "reward": scored.total[i],
-            "rewards": {name: values[i] for name, values in scored.per_function.items()},
-            "sample_index": j, "finish_reason": batch.finish_reasons[i], "completion_tokens": lengths[i],
-        })
-    return per_row
+    completion_tokens, ...the row's other columns}.
+
+    Under torchrun each rank samples and scores its share of the rows (whole chunks of sampling.batch_size,
+    seeded as one process seeds them: `sample_share`) and every rank returns every row's samples, in row
+    order: the same result as one process."""
+    share, batch = sample_share(model, tokenizer, rows, sampling.params(seed), batch_size=sampling.batch_size,
+                                chat_template=chat_template, engine=sampling.engine, source=source)
+    mine = rows[share.start:share.stop]
+    per_row: list[list[dict]] = [[] for _ in mine]
+    if mine:
+        lengths = [len(ids) for ids in batch.completion_ids]
+        scored = score_samples(rewards, mine, batch.completions, batch.prompt_index, completion_lengths=lengths)
+        for i, (p, j) in enumerate(zip(batch.prompt_index, batch.sample_index)):
+            per_row[p].append({
+                **mine[p], "completion": batch.completions[i], "reward": scored.total[i],
+                "rewards": {name: values[i] for name, values in scored.per_function.items()},
+                "sample_index": j, "finish_reason": batch.finish_reasons[i], "completion_tokens": lengths[i],
+            })
+    return distributed.gather_lists(per_row)
 
 
 def number(value: float | None) -> str:
@@ -161,10 +171,13 @@ def load_sampling_model(name: str, device: str, dtype: str, seed: int):
 
 
 def run(config: BestOfNConfig) -> Path:
-    """Run best-of-N as configured; returns the path of best.jsonl."""
+    """Run best-of-N as configured; returns the path of best.jsonl. Under torchrun each rank samples a share
+    of the prompts and rank 0 writes the files, the same as one process writes."""
+    distributed.init(config.distributed.timeout_s)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     rows = load_rows(config.data, config.data_split)
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
     model, tokenizer = load_sampling_model(config.model, config.device, config.dtype, config.seed)
@@ -172,6 +185,14 @@ def run(config: BestOfNConfig) -> Path:
 
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
                                seed=config.seed, chat_template=config.chat_template, source=config.data)
+    if distributed.is_main():
+        write_best(config, out, samples)
+    distributed.barrier()
+    return out / "best.jsonl"
+
+
+def write_best(config: BestOfNConfig, out: Path, samples: list[list[dict]]) -> None:
+    """Choose each prompt's best sample; write best.jsonl, all.jsonl (write_all) and summary.json."""
     best_rows, all_rows, skipped = [], [], []
     for p, prompt_samples in enumerate(samples):
         chosen = select(candidate_rewards(prompt_samples), top_k=1)  # argmax; the first sample wins ties
@@ -182,11 +203,11 @@ def run(config: BestOfNConfig) -> Path:
         all_rows += [{**s, "prompt_index": p, "chosen": s["sample_index"] in chosen} for s in prompt_samples]
     if skipped:
         log.warning("best-of-n: %d of %d prompts skipped: no sample with a reward and a non-empty completion "
-                    "(rows %s%s)", len(skipped), len(rows), skipped[:10], "..." if len(skipped) > 10 else "")
+                    "(rows %s%s)", len(skipped), len(samples), skipped[:10], "..." if len(skipped) > 10 else "")
 
     all_rewards = [s["reward"] for s in all_rows if s["reward"] is not None]
     summary = {
-        "prompts": len(rows), "samples": len(all_rows), "written": len(best_rows),
+        "prompts": len(samples), "samples": len(all_rows), "written": len(best_rows),
         "skipped_prompts": len(skipped), "skipped_rows": skipped,
         "none_rewards": sum(s["reward"] is None for s in all_rows),
         "empty_completions": sum(not s["completion"].strip() for s in all_rows),
@@ -199,4 +220,3 @@ def run(config: BestOfNConfig) -> Path:
     if config.write_all:
         write_jsonl(out / "all.jsonl", all_rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return out / "best.jsonl"

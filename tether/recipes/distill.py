@@ -31,7 +31,7 @@ from tether import models
 from tether.config import ConfigError, save_config
 from tether.data.batching import BatchOrder, collate_sft, split_micro_batches
 from tether.data.loading import load_rows
-from tether.eval.generation import sample_rows, write_jsonl
+from tether.eval.generation import sample_share, write_jsonl
 from tether.losses import distill_loss, sft_loss
 from tether.ops import token_logprobs
 from tether.recipes import sft
@@ -81,10 +81,14 @@ class DistillConfig(sft.SFTConfig):
 
 
 def train(config: DistillConfig) -> Path:
-    """Run distillation as configured; returns the student's final model folder (`output_dir/final`)."""
+    """Run distillation as configured; returns the student's final model folder (`output_dir/final`).
+    Under torchrun every rank samples a share of the traces (rank 0 writes them) and the student trains
+    data-parallel."""
+    distributed.init(config.distributed.timeout_s)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     if config.kd_coef > 0:  # before any sampling: a mismatch is a config error
         check_shared_vocab(models.load_tokenizer(config.model), models.load_tokenizer(config.teacher))
     traces = config.traces or write_traces(config, out / "traces.jsonl")
@@ -98,21 +102,26 @@ def train(config: DistillConfig) -> Path:
 
 def write_traces(config: DistillConfig, path: Path) -> Path:
     """The teacher's completions of the `data` prompts, as {prompt, completion, ...input columns} rows.
-    Reused when resuming and the file is complete."""
+    Reused when resuming and the file is complete. Under torchrun each rank samples its share of the prompts
+    (`sample_share`: the same traces as one process) and rank 0 writes the file."""
     if config.resume and path.exists():
         log.info("reusing the teacher traces in %s", path)
         return path
     rows = load_rows(config.data, config.data_split)
     teacher, tokenizer = load_sampling_model(config.teacher, config.device, config.dtype, config.seed)
-    batch = sample_rows(teacher, tokenizer, rows, config.sampling.params(config.seed),
-                        batch_size=config.sampling.batch_size, chat_template=config.chat_template,
-                        engine=config.sampling.engine, source=config.data)
-    traces = [{**rows[p], "completion": text, "finish_reason": reason}
-              for p, text, reason in zip(batch.prompt_index, batch.completions, batch.finish_reasons)]
+    share, batch = sample_share(teacher, tokenizer, rows, config.sampling.params(config.seed),
+                                batch_size=config.sampling.batch_size, chat_template=config.chat_template,
+                                engine=config.sampling.engine, source=config.data)
+    del teacher
+    traces = distributed.gather_lists([
+        {**rows[share.start + p], "completion": text, "finish_reason": reason}
+        for p, text, reason in zip(batch.prompt_index, batch.completions, batch.finish_reasons)])
     empty = sum(not t["completion"].strip() for t in traces)
     if empty:
         log.warning("distill: %d of %d teacher traces are empty and are left out", empty, len(traces))
-    write_jsonl(path, [t for t in traces if t["completion"].strip()])
+    if distributed.is_main():
+        write_jsonl(path, [t for t in traces if t["completion"].strip()])
+    distributed.barrier()  # every rank reads the file next
     log.info("distill: wrote %d teacher traces to %s", len(traces) - empty, path)
     return path
 
@@ -129,6 +138,9 @@ def train_with_kd(config: DistillConfig) -> Path:
     run = Run(config)
     model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
     model.to(run.device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
     teacher, _ = models.load(config.teacher, dtype=run.dtype, device=run.device, seed=config.seed)
     teacher.eval().requires_grad_(False)
     vocab = len(tokenizer)  # models may pad their logits past the tokenizer's vocabulary; compare the real tokens
@@ -140,6 +152,7 @@ def train_with_kd(config: DistillConfig) -> Path:
         eval_examples, _ = sft.load_examples(config, tokenizer, config.eval_data, config.data_split)
     order = BatchOrder(len(examples), config.batch_size, config.seed)
     total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
     optimizer, scheduler = run.optimizer(model, total_steps)
     start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
     micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1

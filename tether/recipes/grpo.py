@@ -136,6 +136,7 @@ def train(config: GRPOConfig) -> Path:
         rollout, sampled, sampling_metrics = sample_rollout(
             sampler, reward_set, prompts, stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
+            chunk_size=config.generation_batch_size,
             dynamic_sampling=config.dynamic_sampling, max_tries=config.max_sampling_tries)
         batch = rollout_tensors(rollout, tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         N = batch["input_ids"].shape[0]

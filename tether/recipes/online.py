@@ -94,7 +94,9 @@ class OnlineConfig(TrainConfig):
     rollout_engine: Literal["builtin", "vllm"] = "builtin"
     """Sampler: the built-in KV-cache engine, or vLLM (CUDA, when installed)."""
     generation_batch_size: int = 0
-    """Prompts per sampler call (memory bound for generation); 0 means all prompts of a step at once."""
+    """Prompts per sampler call (memory bound for generation); 0 means all of a rank's prompts of a step at once.
+    Each call is seeded by its prompts' position in the step, so a value dividing batch_size / ranks samples
+    the same completions on any number of ranks."""
     chat_template: Literal["auto", "always", "never"] = "auto"
     """auto: message-list prompts use the tokenizer's chat template, strings are used as is;
     always: string prompts are wrapped as a user message too; never: no template."""
@@ -192,7 +194,7 @@ def linear_schedule(start: float, end: float | None, step: int, steps: int) -> f
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. (seed, step, attempt, rank)): a resumed step samples the same."""
+    """A 63-bit seed from integers (e.g. (seed, step, attempt, position)): a resumed step samples the same."""
     digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -364,20 +366,27 @@ def generate_and_score(sampler, reward_set, prompts: list[Prompt], params: Sampl
 
 def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStream, params: SamplingParams, *,
                    batch_size: int, seed: int, step: int, timer, dynamic_sampling: bool = False,
-                   max_tries: int = 1) -> tuple[Rollout, Rollout, dict]:
+                   max_tries: int = 1, chunk_size: int = 0) -> tuple[Rollout, Rollout, dict]:
     """This rank's rollout for one step: batch_size prompts (over all ranks) × params.n completions.
 
+    The rank's prompts are sampled `chunk_size` at a time (0: all at once), each call seeded from (seed, step,
+    round, the chunk's first position in the step's global batch): when chunk_size divides the prompts per
+    rank, every chunk and its seed are the same whatever the number of ranks, and so are the completions.
     With dynamic sampling (DAPO, Yu et al. 2025, eq. 11) groups whose rewards are all equal are dropped and
     more prompts are sampled, up to `max_tries` rounds; if the batch is still short it is filled with
     dropped groups (advantage 0), so every step has the same shape. Returns (rollout to train on, every
     rollout sampled this step (for reward metrics), metrics)."""
     local_size = batch_size // distributed.world_size()
+    chunk_size = chunk_size or local_size
+    first = distributed.rank() * local_size  # this rank's first prompt in the step's global batch
     kept, dropped, sampled, tries = [], [], [], 0
     for attempt in range(max_tries if dynamic_sampling else 1):
         tries += 1
         chosen = distributed.shard([prompts[i] for i in stream.take(batch_size)])
-        round_params = dataclasses.replace(params, seed=derive_seed(seed, step, attempt, distributed.rank()))
-        rollout = generate_and_score(sampler, reward_set, chosen, round_params, timer)
+        rollout = Rollout.concat([
+            generate_and_score(sampler, reward_set, chosen[start:start + chunk_size],
+                               dataclasses.replace(params, seed=derive_seed(seed, step, attempt, first + start)), timer)
+            for start in range(0, local_size, chunk_size)])
         sampled.append(rollout)
         if not dynamic_sampling:
             kept.append(rollout)
@@ -498,11 +507,24 @@ def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temp
 
 
 def minibatches(n: int, num_minibatches: int, seed: int) -> list[Tensor]:
-    """A seeded shuffle of range(n) split into num_minibatches near-equal parts (one part: no shuffle)."""
-    if num_minibatches == 1:
+    """This rank's rows (of its n) in each of the step's minibatches: a seeded split of the GLOBAL batch that
+    is the same whatever the number of ranks. One minibatch: every row, in order.
+
+    A stratified shuffle: each run of M = num_minibatches consecutive rows of the global batch (rank r holds
+    rows r·n .. r·n + n − 1) deals one row to each minibatch, in an order drawn from (seed, the run's first
+    row). A shuffle of each rank's own rows would put different completions together on different numbers of
+    ranks. When M divides n every rank holds whole runs, so 1 process and any number of ranks train on the
+    same minibatches. Otherwise the rank's last, shorter run goes to the first minibatches in order, alike on
+    every rank, so that the ranks' minibatches still have equal sizes (they step together)."""
+    M = num_minibatches
+    if M == 1:
         return [torch.arange(n)]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [part for part in torch.tensor_split(order, num_minibatches) if len(part)]
+    first_row = distributed.rank() * n  # this rank's first row in the global batch
+    assignment = torch.arange(n) % M  # (n,) minibatch of each row; the shorter run keeps this order
+    for start in range(0, n - n % M, M):
+        generator = torch.Generator().manual_seed(derive_seed(seed, first_row + start))
+        assignment[start:start + M] = torch.randperm(M, generator=generator)
+    return [rows for m in range(M) if len(rows := (assignment == m).nonzero().flatten())]
 
 
 def global_counts(batch: dict, index: Tensor, max_len: int) -> dict:
@@ -644,8 +666,9 @@ class Timer:
 
 
 class SampleWriter:
-    """Appends every completion of every `every`-th step to samples.jsonl (main rank). On resume, lines of
-    steps after the checkpoint are dropped, so the file equals an uninterrupted run's."""
+    """Appends every completion of every `every`-th step to samples.jsonl. Every rank calls `write`; the rank
+    with `enabled` (the main rank) writes all ranks' completions, in rank order (the global batch's order).
+    On resume, lines of steps after the checkpoint are dropped, so the file equals an uninterrupted run's."""
 
     def __init__(self, run_dir: Path, every: int, *, start_step: int = 0, enabled: bool = True):
         self.path, self.every, self.enabled = Path(run_dir) / "samples.jsonl", every, enabled and every > 0
@@ -655,18 +678,22 @@ class SampleWriter:
             self.path.unlink()
 
     def write(self, step: int, rollout: Rollout, advantages: Tensor | None = None) -> None:
-        if not self.enabled or step % self.every:
+        if self.every <= 0 or step % self.every:
             return
-        with self.path.open("a") as file:
-            for i, prompt in enumerate(rollout.samples.prompt_index):
-                row = {"step": step, "prompt": rollout.prompts[prompt].prompt,
-                       "completion": rollout.samples.completions[i], "reward": rollout.scores.total[i],
-                       "rewards": {name: values[i] for name, values in rollout.scores.per_function.items()},
-                       "finish_reason": rollout.samples.finish_reasons[i],
-                       "length": len(rollout.samples.completion_ids[i])}
-                if advantages is not None:
-                    row["advantage"] = float(advantages[i])
-                file.write(json.dumps(row) + "\n")
+        rows = []
+        for i, prompt in enumerate(rollout.samples.prompt_index):
+            row = {"step": step, "prompt": rollout.prompts[prompt].prompt,
+                   "completion": rollout.samples.completions[i], "reward": rollout.scores.total[i],
+                   "rewards": {name: values[i] for name, values in rollout.scores.per_function.items()},
+                   "finish_reason": rollout.samples.finish_reasons[i],
+                   "length": len(rollout.samples.completion_ids[i])}
+            if advantages is not None:
+                row["advantage"] = float(advantages[i])
+            rows.append(row)
+        rows = distributed.gather_lists(rows)
+        if self.enabled:
+            with self.path.open("a") as file:
+                file.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 @torch.no_grad()

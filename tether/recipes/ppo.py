@@ -193,7 +193,8 @@ def train(config: PPOConfig) -> Path:
         # 1. Rollout: completions for a batch of prompts, scored by the reward model / functions.
         rollout, sampled, sampling_metrics = sample_rollout(
             sampler, reward_set, prompts, stream, sampling_params(config, group_size, temperature),
-            batch_size=config.batch_size, seed=config.seed, step=step, timer=timer)
+            batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
+            chunk_size=config.generation_batch_size)
         batch = rollout_tensors(rollout, tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         N = batch["input_ids"].shape[0]
         micro_size = config.micro_batch_size or N

@@ -35,6 +35,7 @@ from tether.recipes import sft
 from tether.recipes.best_of_n import (SamplingConfig, candidate_rewards, load_sampling_model, reward_specs,
                                      number, sample_and_score, select)
 from tether.rewards import RewardSet
+from tether.runtime import distributed
 
 log = logging.getLogger("tether")
 
@@ -94,10 +95,15 @@ def sft_config(config: RFTConfig, **changes) -> sft.SFTConfig:
 
 
 def train(config: RFTConfig) -> Path:
-    """Run RFT as configured; returns the final model folder (`output_dir/final` → the last round's model)."""
+    """Run RFT as configured; returns the final model folder (`output_dir/final` → the last round's model).
+
+    Under torchrun every rank samples and scores a share of the prompts, rank 0 writes the round's files, and
+    the round's SFT trains data-parallel (`sft.train`)."""
+    distributed.init(config.distributed.timeout_s)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     rows = load_rows(config.data, config.data_split)
     eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
@@ -109,7 +115,6 @@ def train(config: RFTConfig) -> Path:
             policy = json.loads((round_dir / "DONE").read_text())["model"]
             log.info("rft round %d: already done, policy %s", k, policy)
             continue
-        round_dir.mkdir(parents=True, exist_ok=True)
         sampler_name = (config.sample_model or config.model) if k == 1 else policy
         if not (config.resume and (round_dir / "kept.jsonl").exists()):
             sample_and_filter(config, sampler_name, rows, reward_set, round_dir, seed=config.seed + k - 1)
@@ -129,18 +134,21 @@ def train(config: RFTConfig) -> Path:
         stats["model"] = policy
         if eval_rows:
             stats["eval_reward_mean"] = mean_reward(config, policy, eval_rows, reward_set)
-        (round_dir / "DONE").write_text(json.dumps(stats) + "\n")
-        history = [json.loads((out / f"round-{j}" / "DONE").read_text()) for j in range(1, k + 1)]
-        write_jsonl(out / "metrics.jsonl", history)  # one line per round, rewritten so a resume never repeats one
+        if distributed.is_main():
+            (round_dir / "DONE").write_text(json.dumps(stats) + "\n")
+            history = [json.loads((out / f"round-{j}" / "DONE").read_text()) for j in range(1, k + 1)]
+            write_jsonl(out / "metrics.jsonl", history)  # one line per round, rewritten so a resume never repeats one
+        distributed.barrier()
 
-    write_jsonl(out / "kept.jsonl", [{**row, "round": k} for k in range(1, config.rounds + 1)
-                                     for row in rows_or_empty(out / f"round-{k}" / "kept.jsonl")])
+    if distributed.is_main():
+        write_jsonl(out / "kept.jsonl", [{**row, "round": k} for k in range(1, config.rounds + 1)
+                                         for row in rows_or_empty(out / f"round-{k}" / "kept.jsonl")])
     return link_final(out, Path(policy))
 
 
 def sample_and_filter(config: RFTConfig, sampler_name: str, rows, reward_set, round_dir: Path, seed: int) -> None:
     """Sample from `sampler_name`, score and filter; write round_dir/samples.jsonl (every sample, with
-    `kept`) and round_dir/kept.jsonl (the SFT data)."""
+    `kept`) and round_dir/kept.jsonl (the SFT data). Every rank samples its share; rank 0 writes."""
     model, tokenizer = load_sampling_model(sampler_name, config.device, config.dtype, config.seed)
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set, seed=seed,
                                chat_template=config.chat_template, source=config.data)
@@ -151,8 +159,11 @@ def sample_and_filter(config: RFTConfig, sampler_name: str, rows, reward_set, ro
         keep = keep_samples(prompt_samples, threshold=config.threshold, top_k=config.top_k, dedupe=config.dedupe)
         kept_rows += [prompt_samples[i] for i in keep]
         all_rows += [{**s, "prompt_index": p, "kept": i in keep} for i, s in enumerate(prompt_samples)]
-    write_jsonl(round_dir / "samples.jsonl", all_rows)
-    write_jsonl(round_dir / "kept.jsonl", kept_rows)
+    if distributed.is_main():
+        round_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl(round_dir / "samples.jsonl", all_rows)
+        write_jsonl(round_dir / "kept.jsonl", kept_rows)
+    distributed.barrier()  # the other ranks read these files next
 
 
 def round_stats(samples: list[dict]) -> dict:
@@ -186,7 +197,9 @@ def link_final(out: Path, model_dir: Path) -> Path:
     final = out / "final"
     if not model_dir.is_dir() or out.resolve() not in model_dir.resolve().parents:
         return model_dir
-    if final.is_symlink() or final.exists():
-        final.unlink()
-    final.symlink_to(os.path.relpath(model_dir.resolve(), out.resolve()), target_is_directory=True)
+    if distributed.is_main():
+        if final.is_symlink() or final.exists():
+            final.unlink()
+        final.symlink_to(os.path.relpath(model_dir.resolve(), out.resolve()), target_is_directory=True)
+    distributed.barrier()
     return final

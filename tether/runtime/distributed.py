@@ -111,6 +111,26 @@ def shard(indices: list[int]) -> list[int]:
     return indices[r * size: (r + 1) * size]
 
 
+def shard_chunks(count: int, chunk_size: int) -> range:
+    """This rank's contiguous share of `count` items dealt out in whole chunks of `chunk_size` (the last chunk may
+    be shorter): the chunks split as evenly as they can, earlier ranks taking one more, so a rank may get none.
+    E.g. 10 items in chunks of 2 over 2 ranks: range(0, 6) and range(6, 10).
+
+    For work whose result depends on how items are grouped (sampling draws one random stream per chunk):
+    every chunk is the same whatever the number of ranks. Unlike `shard`, `count` need not divide evenly."""
+    chunks = -(-count // chunk_size)
+    n, r = world_size(), rank()
+    first = r * (chunks // n) + min(r, chunks % n)  # chunks before this rank's
+    last = first + chunks // n + (r < chunks % n)
+    return range(min(first * chunk_size, count), min(last * chunk_size, count))
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's `items` (picklable) concatenated in rank order, on every rank: with `shard_chunks`, the
+    results of all items in their original order."""
+    return [item for part in all_gather_object(items) for item in part]
+
+
 # ----------------------------------------------------------------------------- model wrapping
 
 def is_fsdp(model) -> bool:
