@@ -70,3 +70,21 @@ def test_lora_adapter_save_load_merge_gives_identical_logits(tmp_path):
     models.save(model, tok, tmp_path / "merged", merge_lora=True)
     from_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits_of(from_disk, tok), expected, atol=1e-5, rtol=0)
+
+
+def test_tiny_reasoning_tags_are_one_token_each_and_survive_a_round_trip(tmp_path):
+    """`tiny:reasoning_tags=1`: <think> </think> <answer> </answer> become one ordinary token each (appended after
+    the characters, so every other id is unchanged), decoding keeps them, and a saved model reloads with them."""
+    model, tokenizer = models.load("tiny:reasoning_tags=1,hidden_size=32,num_hidden_layers=1")
+    plain = models.load_tokenizer("tiny")
+    assert len(tokenizer) == len(plain) + 4 == model.config.vocab_size
+    text = "<think>7</think><answer>17</answer>"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == [len(plain), plain.convert_tokens_to_ids("7"), len(plain) + 1, len(plain) + 2,
+                   *plain("17")["input_ids"], len(plain) + 3]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer("a+b c")["input_ids"] == plain("a+b c")["input_ids"]
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    _, reloaded = models.load(str(tmp_path))
+    assert reloaded(text)["input_ids"] == ids

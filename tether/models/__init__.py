@@ -19,7 +19,8 @@ hf_logging.disable_progress_bar()
 
 
 def parse_tiny(name: str) -> dict | None:
-    """`tiny` → {}; `tiny:hidden_size=64,num_hidden_layers=2` → those overrides; anything else → None."""
+    """`tiny` → {}; `tiny:hidden_size=64,num_hidden_layers=2` → those overrides; anything else → None.
+    `reasoning_tags=1` is the tokenizer's option (`tiny_tokenizer`), every other key a Llama config field."""
     if name == TINY:
         return {}
     if not name.startswith(TINY + ":"):
@@ -54,8 +55,9 @@ def check_model_name(name: str) -> None:
 
 def load_tokenizer(name: str):
     """The tokenizer of `name` (`tiny`, a local folder or a hub name), with a pad token guaranteed."""
-    if parse_tiny(name) is not None:
-        return tiny_tokenizer()
+    tiny_overrides = parse_tiny(name)
+    if tiny_overrides is not None:
+        return tiny_tokenizer(reasoning_tags=bool(tiny_overrides.get("reasoning_tags", 0)))
     check_model_name(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
@@ -74,6 +76,7 @@ def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.dev
     tokenizer = load_tokenizer(name)
     tiny_overrides = parse_tiny(name)
     if tiny_overrides is not None:
+        tiny_overrides.pop("reasoning_tags", None)
         model = tiny_model(tokenizer, seed=seed, **tiny_overrides)
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
