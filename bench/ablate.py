@@ -3,8 +3,9 @@
     bench/.venv-trl/bin/python bench/ablate.py MODEL WORKLOAD VARIANT [VARIANT ...] [--repeats R] [--steps W,S]
 
 A variant is a library, then any number of `+lever` (a module in bench/levers, patched into tether in the
-measuring child) and `@key=value` (a tether config option, value read as JSON), e.g.
-    tether   tether+fused_logprobs   tether+fused_logprobs+fast_draw   tether@precompute_ref=true   trl
+measuring child: a proposed change, or an ablation `no_*` / `model_decode` that turns a kept one off) and
+`@key=value` (a tether config option, value read as JSON), e.g.
+    tether   tether+model_decode   tether+no_shared_prompt+model_decode   tether@length_grouping=false   trl
 Rounds alternate the order of the variants. Prints per-repeat CPU and wall seconds per step and the medians,
 and appends the summary to bench/out/ablations.jsonl. CPU time (this process only) is the steadier number on
 a shared machine; both are reported.

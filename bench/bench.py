@@ -216,8 +216,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, fewer steps (2-3 minutes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both libraries (default 1: see docs/benchmarks.md)")
-    parser.add_argument("--levers", default="", help="proposed tether changes from bench/levers to patch in "
-                                                       "(comma-separated), e.g. fused_logprobs,fast_draw")
+    parser.add_argument("--levers", default="", help="tether changes from bench/levers to patch in "
+                                                       "(comma-separated): proposals, or ablations that turn a "
+                                                       "kept lever off, e.g. model_decode,no_shared_prompt")
     parser.add_argument("--tether-src", default="", help="measure the tether in this source tree (e.g. a checkout "
                                                           "with a proposed patch applied) instead of the installed one")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per library (default 5; quick 2)")

@@ -133,7 +133,8 @@ def test_sampling_logprobs_equal_recomputed_old_logprobs(tiny, temperature, top_
 
 def test_old_logprobs_forward_is_skipped_only_on_policy(tmp_path, tiny):
     """ppo_epochs=1 with one minibatch: π_old are the sampler's log-probs, no forward runs. Two epochs (or
-    old_logprobs=recompute): one no-grad forward, whose values match the sampler's."""
+    old_logprobs=recompute): one no-grad scoring pass, whose values match the sampler's (two model calls: the
+    shared prompt once, then the completions, tether.models.shared_prompt)."""
     model, tokenizer = tiny
     data = write_rows(tmp_path / "p.jsonl", [{"prompt": "x"}])
     samples = get_sampler("builtin", model, tokenizer).generate([tokenizer("x")["input_ids"]],
@@ -147,7 +148,7 @@ def test_old_logprobs_forward_is_skipped_only_on_policy(tmp_path, tiny):
         for options in (["ppo_epochs=2"], ["old_logprobs=recompute"], ["num_minibatches=2"]):
             recomputed = old_logprobs(rl_config(grpo.GRPOConfig, tmp_path, data, *options), model, batch, 8, 1.0)
             torch.testing.assert_close(recomputed * batch["completion_mask"], on_policy, atol=1e-5, rtol=0)
-        assert len(forwards) == 3
+        assert len(forwards) == 3 * 2
     finally:
         handle.remove()
 

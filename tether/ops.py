@@ -202,7 +202,7 @@ def linear_token_logprobs(
     return logprobs, entropy
 
 
-def _head_reproduces(logits: Tensor, hidden: Tensor, head: Tensor) -> bool:
+def head_reproduces(logits: Tensor, hidden: Tensor, head: Tensor) -> bool:
     """Whether hidden (B, H) @ head.T gives the model's own logits (B, V): the last hidden state is what the
     head reads (checked on the one position per row the model projected anyway)."""
     tolerance = 1e-3 if logits.dtype == torch.float32 else 5e-2
@@ -286,7 +286,7 @@ def model_token_logprobs(
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                     logits_to_keep=1, **kwargs)
         hidden = out.hidden_states[-1]  # (B, T, H)
-        if _head_reproduces(out.logits[:, -1], hidden[:, -1], head):
+        if head_reproduces(out.logits[:, -1], hidden[:, -1], head):
             logprobs, entropy = linear_token_logprobs(hidden, head, labels, temperature=temperature,
                                                       return_entropy=return_entropy)  # (B, T), (B, T)
             return logprobs[:, :-1], (entropy[:, :-1] if return_entropy else None)

@@ -9,6 +9,7 @@ Proposed for tether/rollout/sampler.py; `apply()` patches a running tether so th
 from __future__ import annotations
 
 import functools
+import importlib
 
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -59,6 +60,10 @@ def make_cache(config=None, **kwargs):
 
 def apply() -> None:
     from tether.rollout import sampler
+
+    # Measured on the model's own forward (Hugging Face caches); the lean Llama decode path that came later
+    # (tether.rollout.llama_decode) keeps its own preallocated cache, so it is turned off here.
+    importlib.import_module("levers.model_decode").apply()
 
     original = sampler.BuiltinSampler._generate_chunk
 

@@ -9,6 +9,7 @@ The cost: attention reads all max_cache_len positions every step (the unfilled o
 from __future__ import annotations
 
 import functools
+import importlib
 
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
@@ -18,6 +19,10 @@ _LENGTH = {}
 
 def apply() -> None:
     from tether.rollout import sampler
+
+    # Measured on the model's own forward (Hugging Face caches); the lean Llama decode path that came later
+    # (tether.rollout.llama_decode) keeps its own preallocated cache, so it is turned off here.
+    importlib.import_module("levers.model_decode").apply()
 
     original = sampler.BuiltinSampler._generate_chunk
 

@@ -66,3 +66,46 @@ def collate_sft(examples, pad_id: int) -> dict[str, torch.Tensor]:
 
 def split_micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
     return [indices[i: i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+
+
+def length_groups(lengths: list[int], call_cost: float, max_groups: int = 4) -> list[list[int]]:
+    """Positions 0..n-1 of a micro-batch in groups of similar length, each to run as its own forward/backward.
+
+    A padded batch computes len(group) × longest(group) tokens. Sorted by length and cut where it pays, the
+    groups minimise Σ len(group) × longest(group) + call_cost × (number of groups), with `call_cost` what one
+    more forward/backward costs in padded tokens (`tether.models.forward_call_cost`), at most `max_groups`
+    groups. One group keeps the given order; call_cost = inf never splits. Losses divided by global counts
+    do not change with the split (only float rounding does).
+    """
+    n = len(lengths)
+    if n <= 1 or call_cost == float("inf"):
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    longest = [lengths[i] for i in order]  # ascending: a group [i, j) is padded to longest[j - 1]
+    # best[k][j]: padded tokens of the first j sorted rows in k groups; cut[k][j]: where its last group starts.
+    best = [[float("inf")] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for k in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (j - i) * longest[j - 1]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    groups = min(range(1, max_groups + 1), key=lambda k: best[k][n] + call_cost * k)  # ties: fewer groups
+    if groups == 1:
+        return [list(range(n))]
+    bounds, j = [], n
+    for k in range(groups, 0, -1):
+        bounds.append((cut[k][j], j))
+        j = cut[k][j]
+    return [order[i:j] for i, j in reversed(bounds)]
+
+
+def grouped_micro_batches(indices: list[int], micro_batch_size: int, lengths, call_cost: float) -> list[list[int]]:
+    """`split_micro_batches`, each micro-batch split further into rows of similar length (`length_groups`);
+    `lengths[i]` is example i's padded extent."""
+    out = []
+    for micro in split_micro_batches(indices, micro_batch_size):
+        out += [[micro[j] for j in group] for group in length_groups([lengths[i] for i in micro], call_cost)]
+    return out

@@ -115,6 +115,26 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+# What one more forward + backward of a micro-batch costs on CPU, in padded tokens, per transformer layer and per
+# million parameters of the body (the Python and dispatch work of a call grows with the layers, a token's compute
+# with the parameters). Measured on the tiny model (4 layers, 0.79M body parameters: ~60 tokens a call,
+# docs/benchmarks.md). Not measured on CUDA, where a call costs kernel launches instead: no grouping there.
+CALL_COST_TOKENS_PER_LAYER_MPARAM = 12.0
+
+
+def forward_call_cost(model, device: torch.device | str) -> float:
+    """One more forward + backward of `model`, in padded tokens (`data.batching.length_groups`); inf off CPU."""
+    if torch.device(device).type != "cpu":
+        return float("inf")
+    inner = unwrap(model)
+    embeddings = {id(p) for m in (inner.get_input_embeddings(), inner.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    body = sum(p.numel() for p in inner.parameters() if id(p) not in embeddings)
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    layers = getattr(config, "num_hidden_layers", None) or 1
+    return CALL_COST_TOKENS_PER_LAYER_MPARAM * layers / max(body / 1e6, 1e-6)
+
+
 def save(model, tokenizer, path: str | Path, *, merge_lora: bool = False) -> None:
     """Write a Hugging Face folder (safetensors). LoRA models save the adapter, or the merged model."""
     model = unwrap(model)

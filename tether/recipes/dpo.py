@@ -33,6 +33,7 @@ from tether.data.loading import load_rows
 from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
 from tether.losses import get_preference_loss, kto_loss
 from tether.models.reference import Reference, freeze
+from tether.models.shared_prompt import collate_prompt_completion, completion_logprobs, shares_prompts
 from tether.ops import masked_sum, model_token_logprobs
 from tether.recipes.reward_model import split_held_out
 from tether.runtime import distributed
@@ -109,7 +110,17 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def pair_logps(model, pairs, pad_id: int, device):
-    """Chosen and rejected through ONE forward: (logps (2B,), lengths (2B,)), chosen rows first."""
+    """Chosen and rejected: (logps (2B,), lengths (2B,)), chosen rows first. Each prompt is encoded once for
+    both of its responses (`tether.models.shared_prompt`); where the model cannot share one (gradient
+    checkpointing, FSDP), chosen and rejected go through ONE (2B, T) forward."""
+    B = len(pairs)
+    shared = collate_prompt_completion([p.prompt_ids for p in pairs],
+                                       [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+                                       list(range(B)) * 2, pad_id)
+    shared = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in shared.items()}
+    if shares_prompts(model, shared["prompt_index"]) and (result := completion_logprobs(model, shared)) is not None:
+        mask = shared["completion_mask"]  # (2B, C)
+        return masked_sum(result[0], mask, dim=-1), mask.sum(-1)
     batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
     return sequence_logps(model, batch)
 

@@ -36,6 +36,7 @@ from tether.data.chat import prompt_text, validate_messages
 from tether.data.loading import DataError, load_rows
 from tether.losses import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.models import unwrap
+from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.ops import entropy_from_logits, model_token_logprobs, position_ids_from_mask, token_logprobs
 from tether.rewards import RewardResult, available_rewards, get_reward
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
@@ -439,6 +440,12 @@ def completion_forward(model, batch: dict, *, temperature: float = 1.0, entropy:
     """
     P = batch["prompt_length"]
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (n, P+C)
+    if value_head is None and shares_prompts(model, batch["prompt_index"]):
+        # The G completions of a prompt read one encoding of it (tether.models.shared_prompt).
+        shared = completion_logprobs(model, batch, temperature=temperature, entropy=entropy,
+                                     entropy_grad=entropy_grad)
+        if shared is not None:
+            return (*shared, None)
     if value_head is None and not entropy_grad:
         # Only the completion targets are scored; with a plain LM head the prompt positions are never
         # projected onto the vocabulary and the (n, P+C, V) logits never exist (ops.linear_token_logprobs).

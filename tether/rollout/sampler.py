@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
+
 FINISH_REASONS = ("stop", "eos", "length")
 
 
@@ -346,6 +348,28 @@ class StopStringChecker:
 # --------------------------------------------------------------------------- the built-in engine
 
 
+class ModelDecoder:
+    """Decode steps through the model's own forward and a Hugging Face cache: any causal LM.
+
+    attention_mask (B, max_length): 1 on real tokens, including every position still to be generated."""
+
+    def __init__(self, model, cache, attention_mask: Tensor, length: int):
+        self.model, self.cache, self.attention_mask = model, cache, attention_mask
+        self.length = length  # positions in the cache
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the rows `keep` (B',) of the batch."""
+        self.cache.batch_select_indices(keep)
+        self.attention_mask = self.attention_mask[keep]
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Feed one token per row at its position: tokens, positions (B,) long -> logits (B, V)."""
+        self.length += 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask[:, :self.length],
+                         position_ids=positions[:, None], past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
 class BuiltinSampler(Sampler):
     """Batched sampling with a KV cache on any Hugging Face causal LM (the default engine).
 
@@ -353,13 +377,17 @@ class BuiltinSampler(Sampler):
     n times so the n samples of a prompt share that prefill. Finished samples are dropped from the decode
     batch when at least `drop_finished_fraction` of it has finished (1.0 or more keeps every row to the end).
     `eos_token_ids` replaces the default end ids (the tokenizer's EOS and the model's generation_config ones).
+    With `lean_decode` (default) the decode steps of Llama-family models in float32 run `LlamaDecoder`, the
+    same arithmetic with far fewer ops per token (`tether.rollout.llama_decode`); every other model, and every
+    prefill, runs the model's own forward.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, drop_finished_fraction: float = 0.1,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, lean_decode: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.drop_finished_fraction = drop_finished_fraction
+        self.lean_decode = lean_decode
         self.eos_ids = list(eos_token_ids) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
@@ -395,20 +423,28 @@ class BuiltinSampler(Sampler):
             attention_mask[i, P - len(ids):] = 1  # generated positions are 1 from the start
         position_ids = (attention_mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # (U, P)
         cache = DynamicCache(config=self.model.config)  # the config gives sliding-window layers their window
-        logits = self._forward(input_ids, attention_mask[:, :P], position_ids, cache, prefill=True)  # (U, V)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask[:, :P], position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, **self._prefill_kwargs)
+        logits = out.logits[:, -1]  # (U, V)
 
         # n samples per prompt: repeat the cache and the last logits instead of re-encoding the prompt.
-        cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)  # (N, V)
         attention_mask = attention_mask.repeat_interleave(n, dim=0)  # (N, P + max_new)
         next_position = position_ids[:, -1].repeat_interleave(n) + 1  # (N,)
+        if self.lean_decode and unsupported_reason(self.model, P + max_new) is None:
+            decoder = LlamaDecoder(self.model, P + max_new)
+            decoder.load_cache(cache, attention_mask, repeats=n)
+        else:
+            cache.batch_repeat_interleave(n)
+            decoder = ModelDecoder(self.model, cache, attention_mask, P)
 
         tokens_out = torch.full((N, max_new), self.pad_id, dtype=torch.long, device=device)
         logprobs_out = torch.zeros(N, max_new, dtype=torch.float32, device=device)
-        lengths = torch.zeros(N, dtype=torch.long, device=device)
+        lengths = torch.full((N,), -1, dtype=torch.long, device=device)  # set when a sample finishes
         reasons = ["length"] * N
         rows = torch.arange(N, device=device)  # (B,) sample id of each row still in the decode batch
         alive = torch.ones(N, dtype=torch.bool, device=device)  # (B,) rows not finished yet
+        dense = True  # no sample has finished: row b is sample b and every row is alive
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
         stop_checker = StopStringChecker(self.tokenizer, params.stop) if params.stop else None
         host_tokens = [[] for _ in range(N)]  # completions so far, kept on the host only for stop strings
@@ -416,32 +452,37 @@ class BuiltinSampler(Sampler):
         for step in range(max_new):
             banned = eos if (step < params.min_new_tokens and len(eos)) else None
             tokens, logprobs = select_tokens(logits, params, generator, banned)  # (B,), (B,)
-            live_rows = rows[alive]
-            tokens_out[live_rows, step] = tokens[alive]
-            logprobs_out[live_rows, step] = logprobs[alive]
-            lengths[live_rows] = step + 1
+            if dense:
+                tokens_out[:, step], logprobs_out[:, step] = tokens, logprobs
+            else:
+                live_rows = rows[alive]
+                tokens_out[live_rows, step] = tokens[alive]
+                logprobs_out[live_rows, step] = logprobs[alive]
 
-            finished = torch.zeros_like(alive)
-            if not params.ignore_eos and len(eos):
+            finished = None  # (B,) bool: rows whose sample ended with this token
+            if banned is None and not params.ignore_eos and len(eos):  # a banned EOS cannot have been drawn
                 finished = torch.isin(tokens, eos) & alive
                 for sample in rows[finished].tolist():
                     reasons[sample] = "eos"
             if stop_checker:
+                finished = torch.zeros_like(alive) if finished is None else finished
                 self._check_stops(stop_checker, host_tokens, tokens, rows, alive & ~finished, finished, reasons,
                                   check=step + 1 >= params.min_new_tokens)
-            alive &= ~finished
+            if finished is not None and bool(finished.any()):
+                lengths[rows[finished]] = step + 1
+                alive &= ~finished
+                dense = False
             if step + 1 == max_new or not bool(alive.any()):
                 break
 
-            if (~alive).sum() >= max(self.drop_finished_fraction * len(alive), 1):
+            if not dense and (~alive).sum() >= max(self.drop_finished_fraction * len(alive), 1):
                 keep = alive.nonzero().flatten()  # (B',)
-                cache.batch_select_indices(keep)
-                rows, alive, tokens = rows[keep], alive[keep], tokens[keep]
-                attention_mask, next_position = attention_mask[keep], next_position[keep]
-            seen = P + step + 1  # cache length once this step's tokens are fed
-            logits = self._forward(tokens[:, None], attention_mask[:, :seen], next_position[:, None], cache)
+                decoder.select(keep)
+                rows, alive, tokens, next_position = rows[keep], alive[keep], tokens[keep], next_position[keep]
+            logits = decoder.step(tokens, next_position)  # (B, V)
             next_position = next_position + 1
 
+        lengths[lengths < 0] = step + 1  # samples still running when the loop ended
         tokens_host, logprobs_host, lengths = tokens_out.tolist(), logprobs_out.tolist(), lengths.tolist()
         return [(tokens_host[i][:lengths[i]], logprobs_host[i][:lengths[i]], reasons[i]) for i in range(N)]
 
@@ -459,13 +500,6 @@ class BuiltinSampler(Sampler):
             if hit:
                 finished[row] = True
                 reasons[sample] = "stop"
-
-    def _forward(self, input_ids, attention_mask, position_ids, cache, prefill: bool = False) -> Tensor:
-        """Logits of the last position, (B, V); the cache grows by input_ids' length."""
-        kwargs = self._prefill_kwargs if prefill else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **kwargs)
-        return out.logits[:, -1]
 
     def _to_batch(self, prompt_ids, samples, params: SamplingParams) -> RolloutBatch:
         completion_ids = [ids for ids, _, _ in samples]

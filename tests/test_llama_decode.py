@@ -1,0 +1,153 @@
+"""The lean Llama-family decode step (`tether.rollout.llama_decode`) against the Hugging Face forward it replaces:
+logits step by step on left-padded, repeated prompts for several configurations (GQA, multi-head, tied and untied
+embeddings, an explicit head_dim, RoPE scalings, Qwen2's q/k/v biases, Mistral's sliding window), the sampler's
+outputs with and without it, and a clear refusal of everything it does not reproduce."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+    Qwen2ForCausalLM
+
+from tether.models.tiny import tiny_model, tiny_tokenizer
+from tether.rollout import BuiltinSampler, SamplingParams
+from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
+
+VOCAB = 50
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+
+
+def build(cls, config_cls, seed=0, **overrides):
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = cls(config_cls(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():  # random norm weights and biases, so a mistake in either shows in the logits
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                parameter.uniform_(0.5, 1.5) if name.endswith("weight") else parameter.normal_(0, 0.5)
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+CONFIGS = {
+    "llama_gqa": lambda: build(LlamaForCausalLM, LlamaConfig),
+    "llama_mha_untied": lambda: build(LlamaForCausalLM, LlamaConfig, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama_tied_head_dim": lambda: build(LlamaForCausalLM, LlamaConfig, head_dim=16, tie_word_embeddings=True),
+    "llama_mqa": lambda: build(LlamaForCausalLM, LlamaConfig, num_key_value_heads=1),
+    "rope_linear": lambda: build(LlamaForCausalLM, LlamaConfig,
+                                 rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+    "rope_llama3": lambda: build(LlamaForCausalLM, LlamaConfig, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 10000.0}),
+    "rope_yarn": lambda: build(LlamaForCausalLM, LlamaConfig, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}),
+    "qwen2_qkv_bias": lambda: build(Qwen2ForCausalLM, Qwen2Config),
+    "mistral_window": lambda: build(MistralForCausalLM, MistralConfig, sliding_window=64),
+}
+
+
+def left_padded(prompts, pad_id, total):
+    """input_ids (U, P), attention_mask (U, total) with generated positions already 1, position_ids (U, P)."""
+    P = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), P), pad_id)
+    attention_mask = torch.zeros(len(prompts), total, dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, P - len(ids):] = torch.tensor(ids)
+        attention_mask[i, P - len(ids):] = 1
+    return input_ids, attention_mask, (attention_mask[:, :P].cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_steps_equal_hf_forward(name):
+    """Prompts of lengths 3, 7, 5 (left-padded), each repeated twice as the sampler does, then 12 steps with
+    random tokens: every step's logits equal the Hugging Face forward over its own DynamicCache within 1e-5."""
+    model = CONFIGS[name]()
+    assert unsupported_reason(model, 32) is None
+    prompts = [[1, 5, 9], [2, 4, 6, 8, 10, 12, 14], [3, 3, 7, 11, 13]]
+    steps, repeats = 12, 2
+    input_ids, attention_mask, positions = left_padded(prompts, 0, 7 + steps)
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, VOCAB, (steps, len(prompts) * repeats), generator=generator)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids, attention_mask=attention_mask[:, :7], position_ids=positions,
+              past_key_values=cache, use_cache=True)
+        attention_mask = attention_mask.repeat_interleave(repeats, 0)
+        decoder = LlamaDecoder(model, 7 + steps)
+        decoder.load_cache(cache, attention_mask, repeats=repeats)
+        cache.batch_repeat_interleave(repeats)
+        position = positions[:, -1].repeat_interleave(repeats) + 1
+        for step in range(steps):
+            expected = model(input_ids=tokens[step, :, None], attention_mask=attention_mask[:, :8 + step],
+                             position_ids=position[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(decoder.step(tokens[step], position), expected, atol=1e-5, rtol=1e-5)
+            position = position + 1
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_select_rows_keeps_their_cache(repeats):
+    """Dropping rows mid-way (finished samples) leaves the kept rows' logits as before; with repeated prompts
+    the prompt-shared cache is first unfolded into one row per sample."""
+    model = CONFIGS["llama_gqa"]()
+    input_ids, attention_mask, positions = left_padded([[1, 2, 3], [4, 5], [6]], 0, 10)
+    attention_mask = attention_mask.repeat_interleave(repeats, 0)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids, attention_mask=attention_mask[::repeats, :3], position_ids=positions,
+              past_key_values=cache, use_cache=True)
+        full, part = LlamaDecoder(model, 10), LlamaDecoder(model, 10)
+        for decoder in (full, part):
+            decoder.load_cache(cache, attention_mask, repeats=repeats)
+        position = positions[:, -1].repeat_interleave(repeats) + 1
+        tokens = torch.arange(7, 7 + 3 * repeats)
+        full.step(tokens, position), part.step(tokens, position)
+        keep = torch.tensor([0, 3 * repeats - 1])
+        part.select(keep)
+        for step in (1, 2):
+            torch.testing.assert_close(part.step(tokens[keep], position[keep] + step),
+                                       full.step(tokens, position + step)[keep], atol=1e-6, rtol=1e-6)
+
+
+def test_sampler_same_outputs_with_and_without_lean_decode():
+    """Sampling (temperature 0.9, top-k), EOS finishing with row dropping, stop strings and min_new_tokens: the
+    same completions, finish reasons and log-probs (1e-5) as the model's own forward."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2).eval()
+    prompts = ["a", "hello wor", "1+2=3, 4"]
+    eos = tok.convert_tokens_to_ids("e")
+    cases = [SamplingParams(temperature=0.9, top_k=20, n=3, max_new_tokens=24, seed=2),
+             SamplingParams(temperature=1.0, n=4, max_new_tokens=16, min_new_tokens=4, seed=3, stop=["ab", "x"])]
+    for params in cases:
+        outputs = [BuiltinSampler(model, tok, eos_token_ids=[eos], drop_finished_fraction=0.0,
+                                  lean_decode=lean).generate(prompts, params) for lean in (True, False)]
+        lean, plain = outputs
+        assert lean.completion_ids == plain.completion_ids
+        assert lean.finish_reasons == plain.finish_reasons and set(lean.finish_reasons) - {"length"}
+        torch.testing.assert_close(torch.tensor(sum(lean.completion_logprobs, [])),
+                                   torch.tensor(sum(plain.completion_logprobs, [])), atol=1e-5, rtol=0)
+
+
+def test_unsupported_models_are_refused_with_a_reason():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    assert "model type 'gpt2'" in unsupported_reason(gpt2)
+    dynamic = build(LlamaForCausalLM, LlamaConfig, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                     "rope_theta": 10000.0})
+    assert "rope_type 'dynamic'" in unsupported_reason(dynamic)
+    assert "o_proj" in unsupported_reason(build(LlamaForCausalLM, LlamaConfig, attention_bias=True))
+    assert "bfloat16" in unsupported_reason(build(LlamaForCausalLM, LlamaConfig).to(torch.bfloat16))
+    mistral = CONFIGS["mistral_window"]()
+    assert unsupported_reason(mistral, 64) is None and "sliding-window" in unsupported_reason(mistral, 65)
+    assert "hidden_act" in unsupported_reason(build(LlamaForCausalLM, LlamaConfig, hidden_act="gelu"))
+
+
+def test_lora_model_is_refused_and_sampled_through_its_forward():
+    peft = pytest.importorskip("peft")
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert "PEFT" in unsupported_reason(lora)
+    assert "not a plain linear layer" in unsupported_reason(lora.get_base_model())
+    batch = BuiltinSampler(lora, tok).generate(["ab"], SamplingParams(temperature=0, max_new_tokens=4))
+    assert len(batch.completion_ids[0]) == 4

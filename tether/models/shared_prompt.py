@@ -1,0 +1,134 @@
+"""The training forward over prompt + completion rows with each distinct prompt encoded once.
+
+GRPO's G completions of a prompt share it, and so do a DPO pair's chosen and rejected responses, yet a plain
+forward over (prompt + completion) rows runs every prompt once per row. Here the distinct prompts run once,
+with gradients, into a KV cache; each row gathers its prompt's keys and values and its completion runs
+against them:
+
+    prompts (U, P) ──forward──► KV cache (U, ...) ──gather rows──► (n, ...) ──forward completions (n, C)──►
+
+Log-probs and entropies equal the plain forward's within float rounding, and so do the gradients: autograd sums
+a shared prompt's gradient over the rows that read it, as the plain forward sums it over the copies
+(tests/test_shared_prompt.py). Columns that are padding in every row of the batch are not computed, nor is
+the last completion token (it is only ever a target).
+
+Batches use the layout of `RolloutBatch.to_tensors` (`collate_prompt_completion` builds it):
+  input_ids, attention_mask (n, P+C): prompt left-padded to P, completion right-padded to C
+  completion_mask (n, C), prompt_index (n,) (rows with the same index hold the same prompt), prompt_length P.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from tether.models import unwrap
+from tether.ops import (entropy_from_logits, head_reproduces, linear_token_logprobs, plain_lm_head,
+                        position_ids_from_mask, token_logprobs)
+from tether.runtime import distributed
+
+
+NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep for a pass whose hidden states are all it needs
+
+
+def collate_prompt_completion(prompts: list[list[int]], completions: list[list[int]], prompt_index: list[int],
+                              pad_id: int) -> dict:
+    """The shared-prompt layout of completions[i] after prompts[prompt_index[i]] (see the module docstring)."""
+    n = len(completions)
+    P, C = max(len(p) for p in prompts), max(len(c) for c in completions)
+    input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, P + C, dtype=torch.long)
+    for row, (i, completion) in enumerate(zip(prompt_index, completions)):
+        prompt = prompts[i]
+        input_ids[row, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, P:P + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[row, P - len(prompt):P + len(completion)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "completion_mask": attention_mask[:, P:].float(), "prompt_index": torch.tensor(prompt_index),
+            "prompt_length": P}
+
+
+def shares_prompts(model, prompt_index: Tensor) -> bool:
+    """Whether sharing applies: some prompt occurs in more than one row, and the model's forward can take a
+    cache with gradients (not under gradient checkpointing, which turns the cache off, nor under FSDP)."""
+    inner = unwrap(model)
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.x; older: the other
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if checkpointing or distributed.is_fsdp(model):
+        return False
+    return len(prompt_index) > 1 and int(torch.unique(prompt_index).numel()) < len(prompt_index)
+
+
+def completion_states(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """What predicts each completion token, each distinct prompt computed once.
+
+    Returns (states, last_prompt):
+      states       (n, C', V): the logits at positions P-1 .. P+C'-2, each predicting the next completion token
+                   (C' = the longest completion in the batch, <= C); with `hidden`, the last hidden states there
+                   (n, C', H). What `model(input_ids, attention_mask)` gives at those positions.
+      last_prompt  (hidden state (U, H), the model's own logits (U, V)) at each distinct prompt's last position,
+                   to check an LM head against.
+    Differentiable. Under DDP the prompt pass runs on the wrapped module, so each backward follows one DDP forward.
+    """
+    P, input_ids, attention_mask = batch["prompt_length"], batch["input_ids"], batch["attention_mask"]
+    n = input_ids.shape[0]
+    unique, inverse = torch.unique(batch["prompt_index"], return_inverse=True)  # (U,), (n,)
+    first = torch.empty_like(unique).scatter_(0, inverse.flip(0), torch.arange(n, device=inverse.device).flip(0))
+    prompt_mask = attention_mask[first, :P]  # (U, P): one row per distinct prompt
+    start = int((prompt_mask.sum(0) == 0).sum())  # leading columns that are padding in every prompt
+    end = P + int(batch["completion_mask"].sum(-1).max())  # past the longest completion: padding only
+    positions = position_ids_from_mask(attention_mask)  # (n, P+C), counted as the plain forward counts them
+    keep = {"output_hidden_states": True} if hidden else {}
+
+    inner = unwrap(model)
+    cache = DynamicCache(config=inner.config)
+    out = inner(input_ids=input_ids[first, start:P], attention_mask=prompt_mask[:, start:],
+                position_ids=positions[first, start:P], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                **keep)
+    first_hidden = out.hidden_states[-1][:, -1] if hidden else None  # (U, H) at position P-1
+    states = [(first_hidden if hidden else out.logits[:, -1])[inverse, None]]  # (n, 1, X) predicts token P
+    last_prompt = (first_hidden, out.logits[:, -1])
+    if end - 1 > P:  # the completion tokens that are inputs: all but the last
+        cache.batch_select_indices(inverse)  # each row reads its prompt's keys and values (gathered, differentiable)
+        out = model(input_ids=input_ids[:, P:end - 1], attention_mask=attention_mask[:, start:end - 1],
+                    position_ids=positions[:, P:end - 1], past_key_values=cache, use_cache=True,
+                    logits_to_keep=NO_POSITIONS.to(input_ids.device) if hidden else 0, **keep)
+        states.append(out.hidden_states[-1] if hidden else out.logits)  # (n, C'-1, X)
+    return torch.cat(states, dim=1), last_prompt
+
+
+def completion_logprobs(model, batch: dict, *, temperature: float = 1.0, entropy: bool = False,
+                        entropy_grad: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """Log-probs (n, C) of the completion tokens at `temperature` (0 on padding) and, with `entropy`, the
+    entropy of each position's distribution (n, C) (with a gradient only under `entropy_grad`): what a plain
+    forward gives, each distinct prompt computed once. With a plain LM head the head runs chunk by chunk at the
+    completion positions only (`ops.linear_token_logprobs`). None when the head fails its check or there is no
+    completion token at all: run the plain forward then."""
+    P, completion_mask = batch["prompt_length"], batch["completion_mask"]
+    C = completion_mask.shape[1]
+    if C == 0 or not bool(completion_mask.any()):
+        return None  # nothing to score: the plain forward keeps the (empty) loss in the graph
+    head = None if entropy_grad else plain_lm_head(model)
+    states, (last_hidden, last_logits) = completion_states(model, batch, hidden=head is not None)  # (n, C', X)
+    if head is not None and not head_reproduces(last_logits, last_hidden, head):
+        return None
+    width = states.shape[1]
+    labels = batch["input_ids"][:, P:P + width].masked_fill(completion_mask[:, :width] == 0, -100)  # (n, C')
+    token_entropy = None
+    if head is not None:
+        logprobs, token_entropy = linear_token_logprobs(states, head, labels, temperature=temperature,
+                                                        return_entropy=entropy)
+    else:
+        logprobs = token_logprobs(states, labels, temperature=temperature)  # (n, C')
+        if entropy:
+            with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+                token_entropy = entropy_from_logits(states, temperature=temperature) * completion_mask[:, :width]
+    if width < C:  # completions shorter than the padded width: the rest is padding, 0
+        pad = (0, C - width)
+        logprobs = torch.nn.functional.pad(logprobs, pad)
+        token_entropy = torch.nn.functional.pad(token_entropy, pad) if token_entropy is not None else None
+    return logprobs, token_entropy
