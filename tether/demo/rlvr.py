@@ -92,7 +92,7 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
         "model": str(sft_final), "data": rl_data, "eval_data": test_data, "output_dir": str(out / "grpo"),
         "max_steps": s.grpo_steps, "batch_size": s.prompts_per_step, "group_size": s.group_size,
         "learning_rate": s.grpo_lr, "lr_scheduler": "constant", "warmup_steps": 5, "rewards": REWARDS,
-        "kl_coef": 0.0,
+        "kl_coef": 1e-3,  # next to nothing as a penalty; it makes the run keep π_ref and log KL(π‖π_sft)
         "max_completion_length": MAX_NEW_TOKENS, "max_prompt_length": 16, "temperature": 1.0, "seed": seed,
         "eval_steps": max(1, s.grpo_steps // 6), "sample_steps": max(1, s.grpo_steps // 6), "report_to": [],
     }))
