@@ -516,3 +516,25 @@ def test_user_reward_file_runs_only_when_named(tmp_path, monkeypatch):
     assert rewards(["1+1="], ["2"]).total == [1.0]
     assert (tmp_path / "chosen_reward.imported").read_text() == "x"  # imported once, for validation and use
     assert not (tmp_path / "other_reward.imported").exists()
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_an_earlier_runs_checkpoints(tmp_path):
+    """Started again with resume=false, a run would write its checkpoints beside the old run's, and a later
+    resume=true could pick up the old run's higher step. It stops at once with a message naming the folder, the
+    checkpoint and both ways out; resume=true continues the old run; a run that kept no checkpoints is no
+    obstacle."""
+    from tether.config import ConfigError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(8)))
+    keys = {"model": "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=1", "data": str(data),
+            "output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 2, "save_steps": 1,
+            "report_to": [], "progress": False}
+    sft.train(load_config(sft.SFTConfig, None, keys))
+    with pytest.raises(ConfigError, match=r"resume.*checkpoints holds a checkpoint of an earlier run \(step-2\)"):
+        sft.train(load_config(sft.SFTConfig, None, keys))
+    sft.train(load_config(sft.SFTConfig, None, {**keys, "resume": True, "max_steps": 3}))
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "step-3"
+    no_checkpoints = {**keys, "output_dir": str(tmp_path / "plain"), "save_steps": 0}
+    sft.train(load_config(sft.SFTConfig, None, no_checkpoints))
+    sft.train(load_config(sft.SFTConfig, None, no_checkpoints))  # nothing to mix up: it runs again

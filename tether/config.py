@@ -94,7 +94,8 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted after a newer one is complete)."""
     resume: bool = False
-    """Continue from the latest complete checkpoint in output_dir/checkpoints."""
+    """Continue from the latest complete checkpoint in output_dir/checkpoints. Without it, a run refuses an
+    output_dir whose checkpoints/ holds an earlier run's checkpoint (use a new output_dir to start over)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter options (lora.r > 0 enables it)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])

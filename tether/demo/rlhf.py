@@ -157,6 +157,7 @@ def train_rl(out: Path, algorithm: str, beta: float, *, sft_final: Path, rm_fina
     the same in both: the runs climb the KL-regularised objective E[r_φ] − β·KL(π‖π_ref). With `checkpoints`,
     `s.checkpoints` evenly spaced checkpoints are kept for `judge_checkpoints`."""
     folder = out / f"{algorithm}_beta{beta:g}"
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # an interrupted earlier demo's; this run starts over
     keys = {**common(seed), "model": str(sft_final), "data": prompts, "output_dir": str(folder),
             "max_steps": s.rl_steps, "batch_size": len(TOPICS), "group_size": s.group_size,
             "learning_rate": s.rl_lr, "lr_scheduler": "constant", "kl_coef": beta, "kl_estimator": "k1",

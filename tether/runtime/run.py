@@ -94,6 +94,12 @@ class Run:
         """Resume from the latest complete checkpoint when `resume=true`; returns (start_step, extra)."""
         self.optimizer_, self.scheduler_ = optimizer, scheduler
         start_step, extra = 0, {}
+        stale = None if self.config.resume else latest_checkpoint(self.checkpoint_dir)
+        if stale is not None:  # a fresh run would mix its checkpoints with the old run's; a later resume could
+            raise ConfigError(  # pick up the old run's higher step
+                f"config key 'resume': {self.checkpoint_dir} holds a checkpoint of an earlier run ({stale.name}). "
+                "Pass resume=true to continue that run, or choose a new output_dir (or delete that folder) to "
+                "start over")
         if self.config.resume:
             path = latest_checkpoint(self.checkpoint_dir)
             if path is None:
