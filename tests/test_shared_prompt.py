@@ -47,18 +47,18 @@ def rollout_tensors(vocab: int, group_size: int = 3) -> dict:
     return online.take(tensors, torch.randperm(len(lengths), generator=generator))
 
 
-def run_both(model, forward, weights):
-    """{shared: (outputs, gradients)} of `forward(model)` with prompt sharing on and off."""
+def run_both(model, forward, weights, recipe=online):
+    """{shared: (outputs, gradients)} of `forward(model)` with prompt sharing on and off in `recipe`."""
     results = {}
     for shared in (True, False):
         model.zero_grad()
-        original = online.shares_prompts
+        original = recipe.shares_prompts
         if not shared:
-            online.shares_prompts = lambda *args: False
+            recipe.shares_prompts = lambda *args: False
         try:
             outputs = forward(model)
         finally:
-            online.shares_prompts = original
+            recipe.shares_prompts = original
         (outputs[0] * weights).sum().backward()
         results[shared] = ([o.detach() for o in outputs if o is not None],
                            {name: p.grad.clone() for name, p in model.named_parameters()})
@@ -101,19 +101,9 @@ def test_dpo_pair_logps_equal_plain_forward(tok):
                              generator=generator).tolist()
 
     pairs = [PreferencePair(ids(2, 9), ids(1, 12), ids(1, 12)) for _ in range(5)]
-    results = {}
-    for shared in (True, False):
-        model.zero_grad()
-        original = dpo.shares_prompts
-        if not shared:
-            dpo.shares_prompts = lambda *args: False
-        try:
-            logps, lengths = dpo.pair_logps(model, pairs, tok.pad_token_id, "cpu")
-        finally:
-            dpo.shares_prompts = original
-        (logps * torch.linspace(-1, 1, 10)).sum().backward()
-        results[shared] = (logps.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters()})
-    (a, a_lengths, a_grads), (b, b_lengths, b_grads) = results[True], results[False]
+    results = run_both(model, lambda m: dpo.pair_logps(m, pairs, tok.pad_token_id, "cpu"), torch.linspace(-1, 1, 10),
+                       recipe=dpo)
+    ((a, a_lengths), a_grads), ((b, b_lengths), b_grads) = results[True], results[False]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     assert a_lengths.tolist() == b_lengths.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids)
                                                                                             for p in pairs]

@@ -8,13 +8,10 @@ Proposed for tether/rollout/sampler.py; `apply()` patches a running tether so th
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-_LENGTH = {}
+from levers import use_cache
 
 
 class GrowingLayer(DynamicLayer):
@@ -51,26 +48,12 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
 
-def make_cache(config=None, **kwargs):
+def make_cache(max_len: int, config) -> DynamicCache:
     cache = DynamicCache(config=config)
     if all(type(layer) is DynamicLayer for layer in cache.layers):  # sliding-window models keep theirs
-        cache.layers = [GrowingLayer(_LENGTH["max"]) for _ in cache.layers]
+        cache.layers = [GrowingLayer(max_len) for _ in cache.layers]
     return cache
 
 
 def apply() -> None:
-    from tether.rollout import sampler
-
-    # Measured on the model's own forward (Hugging Face caches); the lean Llama decode path that came later
-    # (tether.rollout.llama_decode) keeps its own preallocated cache, so it is turned off here.
-    importlib.import_module("levers.model_decode").apply()
-
-    original = sampler.BuiltinSampler._generate_chunk
-
-    @functools.wraps(original)
-    def generate_chunk(self, prompt_ids, params, generator, device):
-        _LENGTH["max"] = max(len(p) for p in prompt_ids) + params.max_new_tokens
-        return original(self, prompt_ids, params, generator, device)
-
-    sampler.BuiltinSampler._generate_chunk = generate_chunk
-    sampler.DynamicCache = make_cache
+    use_cache(make_cache)
