@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import tether.recipes.dpo as dpo
 import tether.recipes.online as online
 from tether.data.preference import PreferencePair
-from tether.models.shared_prompt import collate_prompt_completion, completion_logprobs, shares_prompts
+from tether.data.batching import collate_prompt_completion
+from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.models.tiny import tiny_model, tiny_tokenizer
 from tether.rollout import RolloutBatch
 

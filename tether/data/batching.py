@@ -109,3 +109,23 @@ def grouped_micro_batches(indices: list[int], micro_batch_size: int, lengths, ca
     for micro in split_micro_batches(indices, micro_batch_size):
         out += [[micro[j] for j in group] for group in length_groups([lengths[i] for i in micro], call_cost)]
     return out
+
+
+def collate_prompt_completion(prompts: list[list[int]], completions: list[list[int]], prompt_index: list[int],
+                              pad_id: int) -> dict:
+    """completions[i] after prompts[prompt_index[i]]: input_ids and attention_mask (n, P+C) with each prompt
+    LEFT-padded to P and each completion RIGHT-padded to C, completion_mask (n, C) float, prompt_index (n,),
+    prompt_length P. The layout of rollouts (`RolloutBatch.to_tensors`) and of the prompt-sharing forwards
+    (`tether.models.shared_prompt`): position P-1+t predicts completion token t."""
+    n = len(completions)
+    P = max((len(p) for p in prompts), default=0)
+    C = max((len(c) for c in completions), default=0)
+    input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, P + C, dtype=torch.long)
+    for row, (i, completion) in enumerate(zip(prompt_index, completions)):
+        prompt = prompts[i]
+        input_ids[row, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, P:P + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[row, P - len(prompt):P + len(completion)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": attention_mask[:, P:].float(),
+            "prompt_index": torch.tensor(prompt_index, dtype=torch.long), "prompt_length": P}

@@ -12,7 +12,7 @@ a shared prompt's gradient over the rows that read it, as the plain forward sums
 (tests/test_shared_prompt.py). Columns that are padding in every row of the batch are not computed, nor is
 the last completion token (it is only ever a target).
 
-Batches use the layout of `RolloutBatch.to_tensors` (`collate_prompt_completion` builds it):
+Batches use the layout of `RolloutBatch.to_tensors` (`tether.data.batching.collate_prompt_completion` builds it):
   input_ids, attention_mask (n, P+C): prompt left-padded to P, completion right-padded to C
   completion_mask (n, C), prompt_index (n,) (rows with the same index hold the same prompt), prompt_length P.
 """
@@ -32,23 +32,6 @@ from tether.runtime import distributed
 
 
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep for a pass whose hidden states are all it needs
-
-
-def collate_prompt_completion(prompts: list[list[int]], completions: list[list[int]], prompt_index: list[int],
-                              pad_id: int) -> dict:
-    """The shared-prompt layout of completions[i] after prompts[prompt_index[i]] (see the module docstring)."""
-    n = len(completions)
-    P, C = max(len(p) for p in prompts), max(len(c) for c in completions)
-    input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(n, P + C, dtype=torch.long)
-    for row, (i, completion) in enumerate(zip(prompt_index, completions)):
-        prompt = prompts[i]
-        input_ids[row, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[row, P:P + len(completion)] = torch.tensor(completion, dtype=torch.long)
-        attention_mask[row, P - len(prompt):P + len(completion)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "completion_mask": attention_mask[:, P:].float(), "prompt_index": torch.tensor(prompt_index),
-            "prompt_length": P}
 
 
 def shares_prompts(model, prompt_index: Tensor) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from tether.data.batching import collate_prompt_completion
 from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
 
 FINISH_REASONS = ("stop", "eos", "length")
@@ -119,25 +120,12 @@ class RolloutBatch:
         so `ops.model_token_logprobs(model, input_ids, attention_mask)[0][:, P - 1:]` is (N, C) and lines up
         with `completion_mask` and `sampling_logprobs`.
         """
-        N = len(self.completion_ids)
-        P = max((len(p) for p in self.prompt_ids), default=0)
-        C = max((len(c) for c in self.completion_ids), default=0)
-        input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(N, P + C, dtype=torch.long)
-        sampling_logprobs = torch.zeros(N, C, dtype=torch.float32)
-        for row, (i, ids, logprobs) in enumerate(zip(self.prompt_index, self.completion_ids, self.completion_logprobs)):
-            prompt = self.prompt_ids[i]
-            input_ids[row, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, P - len(prompt):P + len(ids)] = 1
-            input_ids[row, P:P + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            sampling_logprobs[row, :len(ids)] = torch.tensor(logprobs, dtype=torch.float32)
-        tensors = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "completion_mask": attention_mask[:, P:].float(),
-            "sampling_logprobs": sampling_logprobs,
-            "prompt_index": torch.tensor(self.prompt_index, dtype=torch.long),
-        }
+        tensors = collate_prompt_completion(self.prompt_ids, self.completion_ids, self.prompt_index, pad_id)
+        P = tensors.pop("prompt_length")
+        sampling_logprobs = torch.zeros(tensors["completion_mask"].shape, dtype=torch.float32)  # (N, C)
+        for row, logprobs in enumerate(self.completion_logprobs):
+            sampling_logprobs[row, :len(logprobs)] = torch.tensor(logprobs, dtype=torch.float32)
+        tensors["sampling_logprobs"] = sampling_logprobs
         if device is not None:
             tensors = {k: v.to(device) for k, v in tensors.items()}
         tensors["prompt_length"] = P
