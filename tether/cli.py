@@ -96,6 +96,14 @@ def run_recipe(command: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from tether.runtime.distributed import exit_worker
+
+    exit_worker(code)  # under torchrun: exits here (see its docstring); one process returns
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -63,6 +64,25 @@ def init(timeout_s: float = 600.0) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> None:
+    """End a torchrun worker whose work is done and written: leave the process group, run the exit handlers,
+    flush, and exit without tearing the interpreter down. Nothing for one process.
+
+    Why: FSDP2's DTensor caches (sharding propagation, redistribution plans) keep the device mesh, and through
+    it the gloo process group, alive after `destroy_process_group()`. The group is then freed during interpreter
+    teardown, where stopping gloo's threads sometimes aborts the finished process ("terminate called without an
+    active exception", SIGABRT) and torchrun reports the whole job as failed.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    shutdown()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
