@@ -28,7 +28,7 @@ def test_keep_samples_rules():
     assert rft.keep_samples(samples, threshold=2.5, top_k=2, dedupe=False) == [1]
 
 
-@pytest.mark.parametrize("filter_keys", [{"threshold": 4.0}, {"top_k": 2}])
+@pytest.mark.parametrize("filter_keys", [{"threshold": 6.0}, {"top_k": 2}])
 def test_rft_keeps_exactly_the_filtered_samples_and_trains_on_them(tmp_path, monkeypatch, filter_keys):
     (tmp_path / "reward.py").write_text(REWARD)
     data = tmp_path / "prompts.jsonl"
