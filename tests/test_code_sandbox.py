@@ -417,3 +417,4 @@ def test_weaker_isolation_is_refused_unless_accepted(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tether.rewards.sandbox"):
         accepted = Sandbox(allow_weak=True)
     assert accepted.isolation == weak and "WEAKER isolation" in caplog.text and "network isolation" in caplog.text
+

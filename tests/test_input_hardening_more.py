@@ -226,3 +226,35 @@ def test_overlong_prompts_never_reach_the_sampler_in_a_run(tmp_path, monkeypatch
     if overlong == "truncate":
         allowed |= {tuple(i[-8:]) for i in ids}
     assert len(seen) == 3 * 2 and all(len(p) <= 8 and tuple(p) in allowed for p in seen)
+
+
+@pytest.mark.parametrize("command", ["grpo", "best-of-n"])
+def test_a_malformed_tests_row_fails_when_the_data_is_loaded(tmp_path, monkeypatch, command):
+    """The file, row and field are named before any sampling (not at the first step that draws the row)."""
+    from tether.recipes import best_of_n, grpo
+    from tether.rewards.code import CodeTestsError
+    from tether.rollout import sampler
+
+    data = tmp_path / "code.jsonl"
+    rows = [{"prompt": "add:", "tests": [{"input": "1 2\n", "output": "3\n"}]},
+            {"prompt": "echo:", "tests": [{"input": "1", "output": "1"}]},
+            {"prompt": "sub:", "tests": [{"input": "3 1"}]}]  # row 2: a case with no expected output
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the data was checked")
+
+    monkeypatch.setattr(sampler.BuiltinSampler, "generate", no_sampling)
+    model = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=1"
+    reward_spec = [{"name": "code", "allow_weak_sandbox": True}]
+    if command == "grpo":
+        config = load_config(grpo.GRPOConfig, None, {
+            "model": model, "data": str(data), "output_dir": str(tmp_path / "run"), "rewards": reward_spec,
+            "batch_size": 2, "group_size": 2, "max_steps": 1, "progress": False, "report_to": []})
+        train = grpo.train
+    else:
+        config = load_config(best_of_n.BestOfNConfig, None, {
+            "model": model, "data": str(data), "output_dir": str(tmp_path / "run"), "rewards": reward_spec})
+        train = best_of_n.run
+    with pytest.raises(CodeTestsError, match=r"code\.jsonl, row 2, field 'tests\[0\]\.output'"):
+        train(config)

@@ -409,3 +409,28 @@ def test_reward_set_config_errors():
         RewardSet([{"name": "format", "weight": "high"}])
     with pytest.raises(ValueError, match="unknown reward 'fromat'. Did you mean 'format'"):
         RewardSet([{"name": "fromat"}])
+
+
+def test_check_rows_of_a_user_function_runs_through_the_reward_set(tmp_path):
+    """A function's `check_rows` attribute survives the contract wrapper (and options, a partial) and
+    RewardSet.check_rows runs it with the file name and the rows' own indices."""
+    from tether.data.loading import DataError
+
+    (tmp_path / "mine.py").write_text(textwrap.dedent("""
+        from tether.data.loading import DataError
+
+        def exact(prompts, completions, answer, scale=1.0, **columns):
+            return [scale * float(c == a) for c, a in zip(completions, answer)]
+
+        def check_rows(source, rows):
+            for row, columns in rows:
+                if not isinstance(columns.get("answer"), str):
+                    raise DataError(source, "expected a string answer", row, "answer")
+
+        exact.check_rows = check_rows
+    """))
+    reward_set = RewardSet([{"name": f"{tmp_path}/mine.py:exact", "scale": 2.0}, "format"])
+    reward_set.check_rows("d.jsonl", [(0, {"answer": "4"}), (1, {"answer": "5"})])  # good rows pass
+    with pytest.raises(DataError, match=r"d\.jsonl, row 7, field 'answer': expected a string answer"):
+        reward_set.check_rows("d.jsonl", [(0, {"answer": "4"}), (7, {"answer": 4})])
+    assert reward_set(["p"], ["4"], answer=["4"]).per_function["exact"] == [2.0]

@@ -78,7 +78,9 @@ def score_file(data: str, rewards: list) -> tuple[dict, RewardResult]:
         for name in ROW_TEXT_FIELDS:
             if row.get(name) is None:
                 raise DataError(data, f"missing field; scoring needs '{name}' on every row", index, name)
-    result = score_samples(RewardSet(rewards), rows, [row["completion"] for row in rows], list(range(len(rows))))
+    reward_set = RewardSet(rewards)
+    reward_set.check_rows(data, list(enumerate(rows)))
+    result = score_samples(reward_set, rows, [row["completion"] for row in rows], list(range(len(rows))))
     return reward_summary(result), result
 
 

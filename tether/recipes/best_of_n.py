@@ -180,6 +180,7 @@ def run(config: BestOfNConfig) -> Path:
         save_config(config, out / "config.yaml")
     rows = load_rows(config.data, config.data_split)
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
+    reward_set.check_rows(config.data, list(enumerate(rows)))
     model, tokenizer = load_sampling_model(config.model, config.device, config.dtype, config.seed)
     log.info("best-of-%d: %d prompts, model %s, rewards %s", config.sampling.n, len(rows), config.model, reward_set)
 

@@ -104,8 +104,8 @@ def train(config: GRPOConfig) -> Path:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    prompts, eval_prompts = load_prompt_sets(config, tokenizer)
     reward_set = RewardSet(config.rewards)
+    prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
     estimator = get_advantage_estimator(config.advantage)
     baseline = RunningMeanBaseline(config.baseline_decay) if config.advantage == "reinforce" else None
     kl_controller = make_kl_controller(config)

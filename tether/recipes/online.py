@@ -713,12 +713,18 @@ def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineC
             if k.endswith("/mean")}
 
 
-def load_prompt_sets(config: OnlineConfig, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    """(training prompts, held-out prompts or [])."""
+def load_prompt_sets(config: OnlineConfig, tokenizer, reward_set=None) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts or []), each file's rows checked by `reward_set.check_rows` (e.g.
+    the code reward's tests) so that a bad row fails now, naming file, row and field, not mid-training."""
     options = dict(split=config.data_split, max_prompt_length=config.max_prompt_length, overlong=config.overlong,
                    chat_template=config.chat_template)
-    train = load_prompts(config.data, tokenizer, **options)
-    return train, (load_prompts(config.eval_data, tokenizer, **options) if config.eval_data else [])
+    sets = []
+    for source in (config.data, config.eval_data):
+        prompts = load_prompts(source, tokenizer, **options) if source else []
+        if reward_set is not None and prompts:
+            reward_set.check_rows(source, [(p.row, p.columns) for p in prompts])
+        sets.append(prompts)
+    return sets[0], sets[1]
 
 
 def total_steps(config: OnlineConfig, num_prompts: int) -> int:

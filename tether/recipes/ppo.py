@@ -159,8 +159,8 @@ def train(config: PPOConfig) -> Path:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    prompts, eval_prompts = load_prompt_sets(config, tokenizer)
     reward_set = build_reward_set(config, run.device)
+    prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
     kl_controller = make_kl_controller(config)
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     critic = run.wrap(build_critic(config, model, tokenizer.pad_token_id).to(run.device))

@@ -107,6 +107,9 @@ def train(config: RFTConfig) -> Path:
     rows = load_rows(config.data, config.data_split)
     eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
+    reward_set.check_rows(config.data, list(enumerate(rows)))
+    if eval_rows:
+        reward_set.check_rows(config.eval_data, list(enumerate(eval_rows)))
     policy = config.model
 
     for k in range(1, config.rounds + 1):

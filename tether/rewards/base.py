@@ -269,6 +269,10 @@ def checked_reward(function: Callable, name: str, on_invalid: str = "raise") -> 
     reward.stats = stats if isinstance(stats, dict) else {}
     reward.stats.setdefault("invalid", 0)
     reward.close = getattr(function, "close", lambda: None)  # e.g. stops the math worker process
+    # e.g. the code reward's tests, checked at load time (a user function with options arrives as a partial)
+    check_rows = getattr(function, "check_rows", None) or getattr(getattr(function, "func", None), "check_rows", None)
+    if check_rows is not None:
+        reward.check_rows = check_rows
     return reward
 
 
@@ -398,6 +402,15 @@ class RewardSet:
             none_count={name: sum(v is None for v in values) for name, values in per_function.items()},
             stats={name: dict(fn.stats) for name, fn in self.functions.items() if getattr(fn, "stats", None)},
         )
+
+    def check_rows(self, source: str, rows: Sequence[tuple[int, dict]]) -> None:
+        """Validate the data's rows for the functions that can (a function with a `check_rows(source, rows)`
+        attribute, as the code reward checks each row's `tests`), when the data is loaded: a bad row fails
+        before any sampling, with the file, row and field named. rows: (row index in the file, columns)."""
+        for function in self.functions.values():
+            check = getattr(function, "check_rows", None)
+            if check is not None:
+                check(source, rows)
 
     def close(self) -> None:
         """Release what the functions hold (worker processes, models); calling them again restarts it."""

@@ -499,7 +499,14 @@ def make_code_reward(
         }
         return rewards
 
+    def check_rows(source: str, rows: Sequence[tuple[int, dict]]) -> None:
+        """Validate every (row index, columns) of a prompt file when it is loaded, before any sampling: a
+        missing or malformed `tests` or `time_limit` raises CodeTestsError naming the file, row and field."""
+        for row, columns in rows:
+            validate_tests(columns.get("tests"), source=source, row=row, time_limit=columns.get("time_limit"))
+
     code.stats = stats
     code.last_stats = {}
     code.sandbox = sandbox
+    code.check_rows = check_rows
     return code
