@@ -172,8 +172,11 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
                                and s.get("name") == "math"), "auto")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed)
-    batch = sample_rows(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
-                        engine=engine, source=source)
+    # Under torchrun each rank samples whole chunks of prompts (seeded as one process seeds them) and every rank
+    # gets the whole batch back: the result does not depend on the number of ranks.
+    _, share = sample_share(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
+                            engine=engine, source=source)
+    batch = concat_batches(distributed.gather_lists([share]))
     scored = score_samples(reward_set, rows, batch.completions, batch.prompt_index,
                            completion_lengths=[len(ids) for ids in batch.completion_ids])
     judge = scored.per_function[reward_set.names[0]]
@@ -273,6 +276,7 @@ def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
     from tether import models
     from tether.runtime.device import choose_device, choose_dtype
 
+    distributed.init()  # under torchrun: the ranks share the sampling out (`evaluate`)
     device = choose_device(config.device)
     model, tokenizer = models.load(config.model, dtype=choose_dtype(config.dtype, device), device=device,
                                    seed=config.seed)
@@ -288,14 +292,17 @@ def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
 def run_eval(config: EvalConfig) -> Path | None:
     """The `eval` pipeline stage: evaluate, print the table, write output_dir/eval.json and samples.jsonl."""
     result = evaluate_config(config, keep_samples=bool(config.output_dir))
-    print(format_table(result))
+    if distributed.is_main():
+        print(format_table(result))
     if not config.output_dir:
         return None
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = result.pop("samples")
-    write_jsonl(out / "samples.jsonl", samples)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        samples = result.pop("samples")
+        write_jsonl(out / "samples.jsonl", samples)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    distributed.barrier()
     return out / "eval.json"
 
 
@@ -316,7 +323,8 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=defaults.model, help="model folder, hub name or tiny")
     parser.add_argument("--data", required=True, help="JSONL/Parquet/... rows with prompt and answer")
-    parser.add_argument("--n", type=int, default=defaults.n, help="samples per prompt")
+    parser.add_argument("--n", "--num-samples", dest="n", type=int, default=defaults.n,
+                        help="samples per prompt (under torchrun write --num-samples: torchrun reads --n as its own)")
     parser.add_argument("--k", type=int, nargs="+", default=[], help="k values for pass@k / maj@k (default 1 and n)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
@@ -336,6 +344,8 @@ def main(argv: list[str]) -> int:
         "correct_threshold": args.correct_threshold, "batch_size": args.batch_size, "seed": args.seed,
         "chat_template": args.chat_template, "device": args.device})
     result = evaluate_config(config, keep_samples=bool(args.output))
+    if not distributed.is_main():  # every rank holds the whole result; rank 0 reports it
+        return 0
     print(format_table(result))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
