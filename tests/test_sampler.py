@@ -355,3 +355,18 @@ def test_generate_command_bad_row_names_file_row_field(tmp_path, capsys):
     prompts.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
     assert generate_main(["--model", "tiny", "--prompts", str(prompts)]) == 2
     assert "bad.jsonl, row 1, field 'prompt'" in capsys.readouterr().err
+
+
+def test_inverse_cdf_draw_follows_unnormalised_weights_and_never_draws_a_zero(monkeypatch):
+    from tether.rollout.sampler import draw
+
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.5, 0.0])  # zeros first, between and last
+    N = 20_000
+    tokens = draw(weights.expand(N, -1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=len(weights)).float()
+    assert counts[weights == 0].sum() == 0
+    statistic, df = chi_square(counts, weights / weights.sum())
+    assert df == 2 and statistic < chi_square_critical(df), (statistic, counts)
+    # u rounded up to the total (the largest uniform times the total) lands on the last nonzero weight, not past it
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape, dtype=torch.float64))
+    assert draw(weights[None], torch.Generator()).tolist() == [4]
