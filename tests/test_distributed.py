@@ -326,6 +326,25 @@ def test_two_ranks_evaluate_like_one_process(prompts, tmp_path):
     assert 0 < two["metrics"]["pass@3"] < 1 and len({s["completion"] for s in two["samples"]}) > len(WORDS)
 
 
+def test_two_ranks_generate_the_same_file_as_one_process(prompts, tmp_path):
+    """`tether generate` under torchrun: each rank samples whole batches (7 prompts in batches of 2: 4 + 3), rank 0
+    writes every row in prompt order, once: the output is line for line one process's."""
+    from tether import cli
+
+    args = ["--model", MODEL, "--prompts", str(prompts), "--num-samples", "2", "--temperature", "1.0",
+            "--max-new-tokens", "8", "--batch-size", "2", "--seed", "5"]
+    assert cli.main(["generate", *args, "--output", str(tmp_path / "one.jsonl")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "tether", "generate", *args]  # to stdout: rank 1 prints none
+    result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines == (tmp_path / "one.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(row["id"], row["index"]) for row in rows] == [(i, j) for i in range(len(WORDS)) for j in range(2)]
+    assert len({row["completion"] for row in rows}) > len(WORDS)
+
+
 def test_shard_chunks_deals_whole_chunks(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     for count, chunk, expected in [(10, 2, [(0, 4), (4, 8), (8, 10)]), (7, 4, [(0, 4), (4, 7), (7, 7)]),

@@ -17,6 +17,7 @@ import sys
 from tether.data.chat import prompt_text
 from tether.data.loading import DataError, load_rows
 from tether.rollout.sampler import SamplingParams, get_sampler
+from tether.runtime import distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="one prompt (text)")
     source.add_argument("--prompts", help="JSONL (or any tether data file) with a 'prompt' field per row: "
                                           "a string or a message list")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
+                        help="samples per prompt (under torchrun write --num-samples: torchrun reads --n as its own)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -86,6 +88,7 @@ def generate_main(argv: list[str]) -> int:
     except DataError as err:
         print(f"tether generate: {err}", file=sys.stderr)
         return 2
+    distributed.init()  # under torchrun: the ranks share the batches out
     device = choose_device(args.device)
     model, tokenizer = load(args.model, dtype=choose_dtype(args.dtype, device), device=device)
     try:
@@ -95,24 +98,35 @@ def generate_main(argv: list[str]) -> int:
         return 2
     sampler = get_sampler(args.engine, model, tokenizer, batch_size=args.batch_size)
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        # One sampler call per batch, so rows are written as they are ready. Batch b samples with seed
-        # `seed + b`: the same command gives the same file; another --batch-size gives other samples.
-        for start in range(0, len(rows), args.batch_size):
+    def sampled_batches(share: range):
+        """The output rows of each batch of `args.batch_size` prompts in `share`, batch by batch. Batch b samples
+        with seed `seed + b`: the same command gives the same file (on any number of ranks); another
+        --batch-size gives other samples."""
+        for start in range(share.start, share.stop, args.batch_size):
             batch_rows = rows[start:start + args.batch_size]
             batch_params = dataclasses.replace(params, seed=params.seed + start // args.batch_size)
             batch = sampler.generate(prompt_ids[start:start + args.batch_size], batch_params)
-            for completion, reason, i, index in zip(batch.completions, batch.finish_reasons, batch.prompt_index,
-                                                    batch.sample_index):
-                row = {**batch_rows[i], "completion": completion, "finish_reason": reason, "index": index}
+            yield [{**batch_rows[i], "completion": completion, "finish_reason": reason, "index": index}
+                   for completion, reason, i, index in zip(batch.completions, batch.finish_reasons,
+                                                          batch.prompt_index, batch.sample_index)]
+
+    if distributed.world_size() > 1:  # torchrun: each rank samples whole batches; rank 0 writes them in order
+        mine = [row for batch in sampled_batches(distributed.shard_chunks(len(rows), args.batch_size)) for row in batch]
+        batches = [distributed.gather_lists(mine)]
+        if not distributed.is_main():
+            return 0
+    else:  # one process: rows are written as each batch is ready
+        batches = sampled_batches(range(len(rows)))
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for batch in batches:
+            for row in batch:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(generate_main(sys.argv[1:]))
