@@ -307,19 +307,25 @@ def test_rank_shares_of_the_samples_add_up_to_one_process(prompts, monkeypatch):
 
 
 def test_two_ranks_evaluate_like_one_process(prompts, tmp_path):
-    """`tether eval` under torchrun: each rank samples its chunks, rank 0 writes the whole result, and it is
-    the result of one process (pass@k, maj@k, every sample), with 7 prompts dealt 4 + 3 over the ranks."""
+    """`tether eval` under torchrun: each rank samples and scores its chunks, rank 0 writes the whole result, and
+    it is the result of one process (pass@k, maj@k, every sample), with 7 prompts dealt 4 + 3 over the ranks."""
     from tether import cli
 
+    calls = tmp_path / "calls.txt"  # the reward writes how many completions each call scored
+    (tmp_path / "counting.py").write_text(LENGTH_REWARD.replace(
+        "    return", f"    open({str(calls)!r}, 'a').write(str(len(completions)) + '\\n')\n    return"))
     args = ["--model", MODEL, "--data", str(prompts), "--num-samples", "3", "--k", "1", "3", "--temperature", "1.0",
             "--max-new-tokens", "8", "--batch-size", "2", "--seed", "3", "--correct-threshold", "4",
-            "--rewards", f"{tmp_path / 'reward.py'}:length"]
+            "--rewards", f"{tmp_path / 'counting.py'}:length"]
     assert cli.main(["eval", *args, "--output", str(tmp_path / "one.json")]) == 0
+    assert calls.read_text().split() == ["21"]
+    calls.unlink()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "-m", "tether", "eval", *args, "--output", str(tmp_path / "two.json")]
     result = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count("samples per prompt") == 1  # one table, from rank 0
+    assert sorted(calls.read_text().split()) == ["12", "9"]  # each rank scored its own 4 + 3 prompts x 3
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert two == one
     assert [s["prompt_index"] for s in two["samples"]] == [p for p in range(len(WORDS)) for _ in range(3)]

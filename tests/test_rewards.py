@@ -434,3 +434,20 @@ def test_check_rows_of_a_user_function_runs_through_the_reward_set(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl, row 7, field 'answer': expected a string answer"):
         reward_set.check_rows("d.jsonl", [(0, {"answer": "4"}), (7, {"answer": 4})])
     assert reward_set(["p"], ["4"], answer=["4"]).per_function["exact"] == [2.0]
+
+
+def test_concatenated_results_of_two_batches_equal_scoring_them_together():
+    from tether.rewards import RewardResult
+
+    def maybe(prompts, completions, **columns):
+        return [None if c == "?" else float(len(c)) for c in completions]
+
+    def size(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    reward_set = RewardSet([{"name": maybe, "weight": 2.0}, {"name": size, "weight": 0.0}])
+    prompts, completions = ["p"] * 5, ["ab", "?", "abc", "?", "a"]
+    whole = reward_set(prompts, completions)
+    parts = RewardResult.concat([reward_set(prompts[:2], completions[:2]), reward_set(prompts[2:], completions[2:])])
+    assert (parts.total, parts.per_function, parts.none_count) == (whole.total, whole.per_function, whole.none_count)
+    assert parts.total == [4.0, None, 6.0, None, 2.0] and parts.none_count["maybe"] == 2

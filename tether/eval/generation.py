@@ -154,7 +154,7 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
     plus "samples" (one dict per completion) when keep_samples.
     """
     from tether.eval.score import reward_summary, score_samples
-    from tether.rewards import RewardSet
+    from tether.rewards import RewardResult, RewardSet
     from tether.rewards.math import extract_answer
 
     ks = sorted(set(ks or [1, n]))
@@ -172,13 +172,14 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
                                and s.get("name") == "math"), "auto")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed)
-    # Under torchrun each rank samples whole chunks of prompts (seeded as one process seeds them) and every rank
-    # gets the whole batch back: the result does not depend on the number of ranks.
-    _, share = sample_share(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
-                            engine=engine, source=source)
-    batch = concat_batches(distributed.gather_lists([share]))
-    scored = score_samples(reward_set, rows, batch.completions, batch.prompt_index,
-                           completion_lengths=[len(ids) for ids in batch.completion_ids])
+    # Under torchrun each rank samples whole chunks of prompts (seeded as one process seeds them) and scores them;
+    # every rank gets the whole batch and its scores back: the result does not depend on the number of ranks.
+    share, mine = sample_share(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
+                               engine=engine, source=source)
+    mine_scored = score_samples(reward_set, rows[share.start:share.stop], mine.completions, mine.prompt_index,
+                                completion_lengths=[len(ids) for ids in mine.completion_ids]) if len(share) else None
+    batch = concat_batches(distributed.gather_lists([mine]))
+    scored = RewardResult.concat([part for part in distributed.gather_lists([mine_scored]) if part is not None])
     judge = scored.per_function[reward_set.names[0]]
     flags = [value is not None and value >= correct_threshold for value in judge]
     answers = [extract_answer(text, extract) for text in batch.completions]

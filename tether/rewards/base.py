@@ -309,6 +309,21 @@ class RewardResult:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     """name -> the function's running counters (e.g. math timeouts, invalid values), cumulative."""
 
+    @staticmethod
+    def concat(parts: list[RewardResult]) -> RewardResult:
+        """One result from the results of consecutive batches (e.g. each rank's share): the values in order,
+        the None counts and the counters summed."""
+        first = parts[0]
+        return RewardResult(
+            total=[value for part in parts for value in part.total],
+            per_function={name: [value for part in parts for value in part.per_function[name]]
+                          for name in first.per_function},
+            weights=dict(first.weights),
+            none_count={name: sum(part.none_count[name] for part in parts) for name in first.none_count},
+            stats={name: {counter: sum(part.stats.get(name, {}).get(counter, 0) for part in parts)
+                          for counter in counters} for name, counters in first.stats.items()},
+        )
+
     def metrics(self, prefix: str = "rewards/") -> dict[str, float]:
         """Flat summary for logging: mean/std per function and of the total (ignoring None), None counts.
 
