@@ -111,7 +111,7 @@ def get_reward(name: str | Callable, **options) -> RewardFn:
     """
     on_invalid = options.pop("on_invalid", "raise")
     if callable(name):
-        function = functools.partial(name, **options) if options else name
+        function = _bind_options(name, options)
         label = getattr(name, "__name__", type(name).__name__)
         return checked_reward(function, name=label, on_invalid=on_invalid)
     if not isinstance(name, str) or not name:
@@ -131,11 +131,17 @@ def get_reward(name: str | Callable, **options) -> RewardFn:
         if options:
             _check_options(f"reward '{name}'", function, options, skip=2)
             label = function.__name__
-            function = functools.partial(function, **options)
+            function = _bind_options(function, options)
         else:
             label = function.__name__
         return checked_reward(function, name=label, on_invalid=on_invalid)
     raise ValueError(_unknown_name_message(name))
+
+
+def _bind_options(function: Callable, options: dict) -> Callable:
+    """`function` called with `options` as keyword arguments, keeping its attributes (`stats`, `close`,
+    `check_rows`) for `checked_reward` to find."""
+    return functools.update_wrapper(functools.partial(function, **options), function) if options else function
 
 
 def _unknown_name_message(name: str) -> str:
@@ -269,8 +275,7 @@ def checked_reward(function: Callable, name: str, on_invalid: str = "raise") -> 
     reward.stats = stats if isinstance(stats, dict) else {}
     reward.stats.setdefault("invalid", 0)
     reward.close = getattr(function, "close", lambda: None)  # e.g. stops the math worker process
-    # e.g. the code reward's tests, checked at load time (a user function with options arrives as a partial)
-    check_rows = getattr(function, "check_rows", None) or getattr(getattr(function, "func", None), "check_rows", None)
+    check_rows = getattr(function, "check_rows", None)  # e.g. the code reward's tests, checked at load time
     if check_rows is not None:
         reward.check_rows = check_rows
     return reward
