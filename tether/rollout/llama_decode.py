@@ -90,15 +90,22 @@ def unsupported_reason(model, max_length: int | None = None) -> str | None:
     return None
 
 
+def rotary_pair_order(head_dim: int) -> Tensor:
+    """Rotary embedding pairs dims (i, i + d/2) of a head: the order (0, d/2, 1, d/2 + 1, ...) puts each pair
+    side by side. Applied to the q and k weights, and to the keys of a cache computed with the original order
+    (q·k is unchanged when both are permuted alike)."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], -1).flatten()  # (d,)
+
+
 class _Layer:
     """One decoder layer's weights, laid out for the lean step, and its slice of the KV cache."""
 
     def __init__(self, layer, num_heads: int, num_kv_heads: int, head_dim: int):
         attention, mlp = layer.self_attn, layer.mlp
-        # Rotary pairs dims (i, i + d/2); reorder each q and k head to (0, d/2, 1, d/2 + 1, ...) so a pair is
-        # adjacent and the rotation is one complex multiply. V keeps its order (the output projection reads it).
-        half = head_dim // 2
-        order = torch.stack([torch.arange(half), torch.arange(half) + half], -1).flatten()  # (d,)
+        # Reorder each q and k head to rotary pairs (`rotary_pair_order`) so the rotation is one complex multiply.
+        # V keeps its order (the output projection reads it).
+        order = rotary_pair_order(head_dim)
         scale = head_dim ** -0.5  # the attention's 1/sqrt(d), applied to q once here
 
         def heads_reordered(weight: Tensor, heads: int) -> Tensor:  # (heads*d, ...) -> same, dims reordered
@@ -168,8 +175,7 @@ class LlamaDecoder:
 
         attention_mask (B, max_length): 1 on real tokens, including every position still to be generated.
         With repeats > 1 the prompt's keys and values are kept once per prompt (`_attend_grouped`)."""
-        order = torch.stack([torch.arange(self.head_dim // 2), torch.arange(self.head_dim // 2) + self.head_dim // 2],
-                            -1).flatten()  # as in _Layer
+        order = rotary_pair_order(self.head_dim)
         self.attention_mask, self.repeats = attention_mask, repeats
         for layer, cached in zip(self.layers, cache.layers):
             keys, values = cached.keys, cached.values  # (U, kv_heads, P, d)
