@@ -167,7 +167,7 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
     else:
         specs = [rewards] if isinstance(rewards, (str, dict)) else list(rewards)
         reward_set = RewardSet(specs)
-    reward_set.check_rows(source or "<rows>", list(enumerate(rows)))
+    reward_set.check_rows(source, list(enumerate(rows)))
     extract = extract or next((s.get("extract", "auto") for s in specs if isinstance(s, dict)
                                and s.get("name") == "math"), "auto")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,

@@ -113,14 +113,16 @@ def pair_logps(model, pairs, pad_id: int, device):
     """Chosen and rejected: (logps (2B,), lengths (2B,)), chosen rows first. Each prompt is encoded once for
     both of its responses (`tether.models.shared_prompt`); where the model cannot share one (gradient
     checkpointing, FSDP), chosen and rejected go through ONE (2B, T) forward."""
-    B = len(pairs)
-    shared = collate_prompt_completion([p.prompt_ids for p in pairs],
-                                       [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
-                                       list(range(B)) * 2, pad_id)
-    shared = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in shared.items()}
-    if shares_prompts(model, shared["prompt_index"]) and (result := completion_logprobs(model, shared)) is not None:
-        mask = shared["completion_mask"]  # (2B, C)
-        return masked_sum(result[0], mask, dim=-1), mask.sum(-1)
+    prompt_index = list(range(len(pairs))) * 2  # chosen rows, then rejected rows
+    if shares_prompts(model, torch.tensor(prompt_index)):
+        shared = collate_prompt_completion([p.prompt_ids for p in pairs],
+                                           [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+                                           prompt_index, pad_id)
+        shared = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in shared.items()}
+        result = completion_logprobs(model, shared)
+        if result is not None:
+            mask = shared["completion_mask"]  # (2B, C)
+            return masked_sum(result[0], mask, dim=-1), mask.sum(-1)
     batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
     return sequence_logps(model, batch)
 
