@@ -51,7 +51,8 @@ def test_sft_with_length_groups_equals_without(tmp_path, monkeypatch):
         config = load_config(sft.SFTConfig, None, {
             "model": "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=2", "data": str(data),
             "output_dir": str(tmp_path / str(grouping)), "batch_size": 6, "max_steps": 3, "learning_rate": 1e-2,
-            "max_length": 64, "progress": False, "report_to": [], "length_grouping": grouping})
+            "max_length": 64, "progress": False, "report_to": [], "length_grouping": grouping,
+            "padding_free": False})  # grouping is for the padded forward
         batch_rows.clear()
         finals[grouping] = AutoModelForCausalLM.from_pretrained(sft.train(config)).state_dict()
         if grouping:

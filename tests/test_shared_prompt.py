@@ -1,7 +1,8 @@
 """Prompt-shared training forwards (`tether.models.shared_prompt`) against the plain forward over every row's own
 copy of its prompt: GRPO's completion log-probs, entropies and gradients, DPO's pair log-probs and gradients,
 with left-padded prompts of different lengths, right-padded completions, shuffled rows, a temperature, the
-logits path (small vocabulary) and the chunked-head path (vocabulary >= 4096)."""
+logits path (small vocabulary) and the chunked-head path (vocabulary >= 4096). Both ways of sharing are
+checked, the packed forward (`tether.models.packed`) and the cached one, against the padded plain forward."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import tether.recipes.dpo as dpo
 import tether.recipes.online as online
 from tether.data.preference import PreferencePair
 from tether.data.batching import collate_prompt_completion
+from tether.models import packed
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.models.tiny import tiny_model, tiny_tokenizer
 from tether.rollout import RolloutBatch
@@ -48,8 +50,9 @@ def rollout_tensors(vocab: int, group_size: int = 3) -> dict:
     return online.take(tensors, torch.randperm(len(lengths), generator=generator))
 
 
-def run_both(model, forward, weights, recipe=online):
-    """{shared: (outputs, gradients)} of `forward(model)` with prompt sharing on and off in `recipe`."""
+def run_both(model, forward, weights, recipe=online, padding_free=True):
+    """{shared: (outputs, gradients)} of `forward(model)` with prompt sharing on (packed with `padding_free`, else
+    cached) and off (the padded plain forward) in `recipe`."""
     results = {}
     for shared in (True, False):
         model.zero_grad()
@@ -57,7 +60,8 @@ def run_both(model, forward, weights, recipe=online):
         if not shared:
             recipe.shares_prompts = lambda *args: False
         try:
-            outputs = forward(model)
+            with packed.enabled(padding_free and shared):
+                outputs = forward(model)
         finally:
             recipe.shares_prompts = original
         (outputs[0] * weights).sum().backward()
@@ -66,9 +70,10 @@ def run_both(model, forward, weights, recipe=online):
     return results
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
 @pytest.mark.parametrize("vocab", [103, 5000])
 @pytest.mark.parametrize("entropy_grad", [False, True])
-def test_grpo_forward_equals_plain_forward(vocab, entropy_grad):
+def test_grpo_forward_equals_plain_forward(vocab, entropy_grad, padding_free):
     """Same log-probs and entropies (1e-5) and the same gradient of a weighted sum of log-probs (2e-5 relative):
     the shared prompt's gradient is the sum over the rows that read it."""
     model = make_model(vocab)
@@ -81,7 +86,7 @@ def test_grpo_forward_equals_plain_forward(vocab, entropy_grad):
                                                          entropy_grad=entropy_grad)
         return logprobs + (entropy if entropy_grad else 0), entropy
 
-    results = run_both(model, forward, weights)
+    results = run_both(model, forward, weights, padding_free=padding_free)
     (shared, shared_grads), (plain, plain_grads) = results[True], results[False]
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -91,7 +96,8 @@ def test_grpo_forward_equals_plain_forward(vocab, entropy_grad):
         torch.testing.assert_close(shared_grads[name] / scale, plain_grads[name] / scale, atol=2e-5, rtol=0)
 
 
-def test_dpo_pair_logps_equal_plain_forward(tok):
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_dpo_pair_logps_equal_plain_forward(tok, padding_free):
     """Chosen and rejected reading one encoding of their prompt: the same summed log-probs, lengths and
     gradients as the (2B, T) right-padded forward."""
     model = tiny_model(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2).train()
@@ -103,7 +109,7 @@ def test_dpo_pair_logps_equal_plain_forward(tok):
 
     pairs = [PreferencePair(ids(2, 9), ids(1, 12), ids(1, 12)) for _ in range(5)]
     results = run_both(model, lambda m: dpo.pair_logps(m, pairs, tok.pad_token_id, "cpu"), torch.linspace(-1, 1, 10),
-                       recipe=dpo)
+                       recipe=dpo, padding_free=padding_free)
     ((a, a_lengths), a_grads), ((b, b_lengths), b_grads) = results[True], results[False]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     assert a_lengths.tolist() == b_lengths.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids)
@@ -113,11 +119,13 @@ def test_dpo_pair_logps_equal_plain_forward(tok):
         torch.testing.assert_close(a_grads[name] / scale, b_grads[name] / scale, atol=2e-5, rtol=0)
 
 
-def test_one_token_completions_need_no_completion_pass():
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_one_token_completions_need_no_completion_pass(padding_free):
     """Every completion one token long: all of them are predicted from the prompt's last position."""
     model = make_model(103)
     batch = collate_prompt_completion([[5, 6, 7], [8]], [[9], [10], [11], [12]], [0, 0, 1, 1], pad_id=0)
-    logprobs, _ = completion_logprobs(model, batch)
+    with packed.enabled(padding_free):
+        logprobs, _ = completion_logprobs(model, batch)
     with torch.no_grad():
         for row, (prompt, token) in enumerate([([5, 6, 7], 9), ([5, 6, 7], 10), ([8], 11), ([8], 12)]):
             expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], -1)[token]
@@ -143,5 +151,7 @@ def test_sharing_is_off_when_it_cannot_apply():
     model = make_model(103)
     assert not shares_prompts(model, torch.tensor([0, 1, 2]))  # every prompt once: nothing to share
     assert shares_prompts(model, torch.tensor([0, 1, 1]))
-    model.gradient_checkpointing_enable()  # turns the KV cache off in training
+    with packed.enabled(False):  # the cached way applies
+        assert shares_prompts(model, torch.tensor([0, 1, 1]))
+    model.gradient_checkpointing_enable()  # turns the KV cache off in training, and packing with it
     assert not shares_prompts(model, torch.tensor([0, 1, 1]))

@@ -77,6 +77,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    padding_free: bool = True
+    """Run a batch's rows end to end as one sequence, attention kept within each row, so no work is spent on
+    padding and a prompt shared by several rows runs once (Llama, Mistral, Qwen2/3 models with sdpa or eager
+    attention, without gradient checkpointing; other models run padded). Same results up to float rounding."""
     max_length: int = 512
     """Longest tokenized example (prompt + completion)."""
     overlong: Literal["error", "truncate", "drop"] = "error"

@@ -8,6 +8,7 @@ result, even when the value there is NaN or inf.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Optional, Sequence, Union
 
@@ -265,13 +266,13 @@ def model_token_logprobs(
     unpadded sequence has no log-prob for its first token either). `target_mask` (B, T-1),
     e.g. a loss mask, limits the scored targets further: the others are 0 too.
 
-    When the logits are a plain linear head on the last hidden state (most causal LMs), the
-    head is applied chunk by chunk to the scored positions only (`linear_token_logprobs`):
-    the (B, T, V) logits never exist. Otherwise the model's logits are used.
+    Where `models.packed` applies (config key `padding_free`, supported models) the rows' real tokens run as
+    one packed sequence, so no work is spent on padding. When the logits are a plain linear head on the last hidden
+    state (most causal LMs), the head is applied chunk by chunk to the scored positions only
+    (`linear_token_logprobs`): the (B, T, V) logits never exist. Otherwise the model's logits are used.
     """
-    kwargs = {}
-    if bool((attention_mask[:, 0] == 0).any()):  # left padding: positions must start at 0
-        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    from tether.models import packed
+
     target = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
     if target_mask is not None:
         target &= target_mask.bool()
@@ -280,24 +281,46 @@ def model_token_logprobs(
     labels = torch.full_like(input_ids, -100)  # (B, T)
     labels[:, :-1] = input_ids[:, 1:].masked_fill(~target, -100)
 
+    rows = packed.pack_rows(attention_mask) if packed.unsupported_reason(model) is None else None
+    if rows is not None:  # one row (1, N) of every real token; positions restart in each row
+        index, layout = rows
+        positions = position_ids_from_mask(attention_mask).flatten()[index][None]
+        forward = functools.partial(packed.packed_forward, model, input_ids.flatten()[index][None], positions,
+                                    layout)
+        logprobs, entropy = _forward_logprobs(model, forward, labels.flatten()[index][None], temperature,
+                                              chunk_size, return_entropy)  # (1, N)
+
+        def unpack(x: Tensor) -> Tensor:  # (1, N) -> (B, T), 0 on padding
+            return x.new_zeros(input_ids.numel()).index_copy(0, index, x[0]).view(input_ids.shape)
+
+        logprobs, entropy = unpack(logprobs), (unpack(entropy) if return_entropy else None)
+    else:
+        kwargs = {}
+        if bool((attention_mask[:, 0] == 0).any()):  # left padding: positions must start at 0
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        forward = functools.partial(model, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logprobs, entropy = _forward_logprobs(model, forward, labels, temperature, chunk_size, return_entropy)
+    return logprobs[:, :-1], (entropy[:, :-1] if return_entropy else None)
+
+
+def _forward_logprobs(model, forward: Callable, labels: Tensor, temperature: float, chunk_size: int,
+                      return_entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-probs (and entropies) of `labels` (B, T) (-100: not scored, 0 there) from `forward(**kwargs)`,
+    the model's forward over the batch the labels belong to."""
     head = plain_lm_head(model)
     if head is not None:
         # The model's own forward (so DDP / FSDP / PEFT hooks run); logits_to_keep=1 projects one position per row.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                    logits_to_keep=1, **kwargs)
+        out = forward(output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1]  # (B, T, H)
         if head_reproduces(out.logits[:, -1], hidden[:, -1], head):
-            logprobs, entropy = linear_token_logprobs(hidden, head, labels, temperature=temperature,
-                                                      return_entropy=return_entropy)  # (B, T), (B, T)
-            return logprobs[:, :-1], (entropy[:, :-1] if return_entropy else None)
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, T, V)
+            return linear_token_logprobs(hidden, head, labels, temperature=temperature,
+                                         return_entropy=return_entropy)
+    logits = forward().logits  # (B, T, V)
     logprobs = token_logprobs(logits, labels, chunk_size=chunk_size, temperature=temperature)
-    logprobs = logprobs[:, :-1]  # (B, T-1)
     entropy = None
     if return_entropy:
         entropy = entropy_from_logits(logits, chunk_size=chunk_size, temperature=temperature)
-        entropy = torch.where(target, entropy[:, :-1], torch.zeros_like(entropy[:, :-1]))
+        entropy = torch.where(labels >= 0, entropy, torch.zeros_like(entropy))
     return logprobs, entropy
 
 

@@ -71,7 +71,7 @@ SIZES = {
                     beta=0.05, dpo_beta=0.5, dpo_steps=60, best_of_n=16, eval_samples=32, checkpoints=12),
     "small": Size(n_sft=300, n_pairs=300, n_pairs_eval=100, sft_steps=120, rm_steps=60, rl_steps=24, rl_lr=6e-4,
                   sweep=(("ppo", 0.05), ("grpo", 0.05), ("grpo", 0.0)), beta=0.05, dpo_beta=0.5, dpo_steps=40,
-                  best_of_n=8, eval_samples=16, checkpoints=8),
+                  best_of_n=8, eval_samples=16, checkpoints=12),
 }
 
 

@@ -21,6 +21,7 @@ from tether.data.batching import BatchOrder, collate_sft, grouped_micro_batches
 from tether.data.loading import load_rows
 from tether.data.sft import build_sft_examples
 from tether.losses import sft_loss
+from tether.models import packed
 from tether.ops import model_token_logprobs
 from tether.runtime import distributed
 from tether.runtime.run import Run, autocast
@@ -41,7 +42,8 @@ class SFTConfig(TrainConfig):
     """Evaluate the loss on eval_data every N steps (0: only at the end)."""
     length_grouping: bool = True
     """Split each micro-batch into rows of similar length when the padding saved outweighs the extra forward
-    (CPU, one process; `data.batching.length_groups`). The loss is unchanged up to float rounding."""
+    (CPU, one process, a padded forward: see `padding_free`; `data.batching.length_groups`). The loss is
+    unchanged up to float rounding."""
 
     def validate(self) -> None:
         micro = self.micro_batch_size or self.batch_size
@@ -79,7 +81,9 @@ def train(config: SFTConfig) -> Path:
     start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
     micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
     # Every rank must run as many backward passes as the others (DDP reduces in each): group in one process only.
-    grouping = config.length_grouping and distributed.world_size() == 1
+    # A packed forward has no padding to save (models.packed).
+    grouping = (config.length_grouping and distributed.world_size() == 1
+                and packed.unsupported_reason(model) is not None)
     call_cost = models.forward_call_cost(model, run.device) if grouping else float("inf")
     lengths = [len(e.input_ids) for e in examples]
 
