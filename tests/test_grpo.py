@@ -173,6 +173,22 @@ def test_everything_truncated_gives_finite_loss(prompts_file, tmp_path):
         assert "skipped_steps" not in row
 
 
+def test_min_completion_length_fixes_the_length(prompts_file, tmp_path):
+    """min = max: every completion has exactly that length (EOS is banned until then), where the same run without
+    it has some completions that EOS ended earlier."""
+    lengths = {}
+    for minimum in (0, 8):
+        run_dir = tmp_path / f"min{minimum}"
+        grpo.train(make_config(prompts_file, run_dir, "max_steps=3", "sample_steps=1",
+                               f"min_completion_length={minimum}", "max_completion_length=8", "temperature=2.0"))
+        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        lengths[minimum] = [(row["length"], row["finish_reason"]) for row in rows]
+    assert len(lengths[8]) == 3 * 4 * 8 and set(lengths[8]) == {(8, "length")}
+    assert any(reason == "eos" and length < 8 for length, reason in lengths[0])
+    with pytest.raises(ConfigError, match="'min_completion_length'"):
+        make_config(prompts_file, tmp_path / "bad", "min_completion_length=9")
+
+
 def test_non_finite_step_is_skipped_not_applied(prompts_file, tmp_path, monkeypatch):
     """A NaN loss (here injected into the first step) gives a NaN gradient norm: the guard skips that
     optimizer step, counts it, and training goes on with finite steps."""

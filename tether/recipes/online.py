@@ -78,6 +78,10 @@ class OnlineConfig(TrainConfig):
     """Longest prompt in tokens (see `overlong`)."""
     max_completion_length: int = 128
     """Most tokens generated per completion; a completion that reaches it is truncated."""
+    min_completion_length: int = 0
+    """Fewest tokens generated per completion: EOS cannot end one earlier (vLLM's min_tokens, HF's
+    min_new_tokens). The log-probs stay those of the full distribution, EOS included. Equal to
+    max_completion_length, every completion has that length (fixed-length rollouts, as in benchmarks)."""
     temperature: float = 1.0
     """Sampling temperature; the training log-probs use the same temperature (logits / T)."""
     temperature_end: float | None = None
@@ -147,6 +151,8 @@ class OnlineConfig(TrainConfig):
             ("group_size_end", self.group_size_end is None or self.group_size_end >= 1, "must be >= 1"),
             ("max_prompt_length", self.max_prompt_length >= 1, "must be >= 1"),
             ("max_completion_length", self.max_completion_length >= 1, "must be >= 1"),
+            ("min_completion_length", 0 <= self.min_completion_length <= self.max_completion_length,
+             f"must be in [0, max_completion_length] ([0, {self.max_completion_length}])"),
             ("max_length", self.max_prompt_length + self.max_completion_length <= self.max_length,
              f"must be >= max_prompt_length + max_completion_length "
              f"({self.max_prompt_length} + {self.max_completion_length})"),
@@ -750,7 +756,8 @@ def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: On
 
 def sampling_params(config: OnlineConfig, group_size: int, temperature: float) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=config.top_p, top_k=config.top_k, min_p=config.min_p,
-                          max_new_tokens=config.max_completion_length, n=group_size, stop=config.stop)
+                          max_new_tokens=config.max_completion_length, min_new_tokens=config.min_completion_length,
+                          n=group_size, stop=config.stop)
 
 
 def masked_stats(values: Tensor, mask: Tensor, prefix: str) -> dict[str, Tensor]:
