@@ -25,7 +25,8 @@ def outputs_and_grads(model, fn, on: bool):
         outputs = fn(model)
     weights = torch.linspace(-1, 1, outputs[0].numel()).view(outputs[0].shape)
     (outputs[0] * weights).sum().backward()
-    return [o.detach() for o in outputs if o is not None], {n: p.grad.clone() for n, p in model.named_parameters()}
+    return [o.detach() for o in outputs if o is not None], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                            if p.requires_grad}
 
 
 def assert_same(model, fn):
@@ -149,6 +150,16 @@ def test_packed_attention_is_what_runs(monkeypatch):
     model_token_logprobs(model, ids, mask)
     assert len(calls) == model.config.num_hidden_layers
     assert model.config._attn_implementation == "sdpa"  # restored after the call
+
+
+def test_lora_model_packs_too():
+    """PEFT wraps the linear layers; attention is the base model's, switched through the shared config."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model(103), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert packed.unsupported_reason(model) is None
+    ids, mask = padded_batch("left")
+    assert_same(model, lambda m: model_token_logprobs(m, ids, mask))
 
 
 def test_where_it_does_not_apply():
