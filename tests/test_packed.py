@@ -1,6 +1,6 @@
-"""The padding-free (packed) forward, `tether.models.packed`, against the padded forward: the layout's runs and
-masks by hand; log-probs, entropies and gradients of right-, left- and prompt-left/completion-right-padded
-batches; shared-prompt batches whose segments merge into runs (equal lengths, equal prompts side by side);
+"""The padding-free (packed) forward, `tether.models.packed`, against the padded forward: the layout's blocks,
+masks and output order by hand; log-probs, entropies and gradients of right-, left- and
+prompt-left/completion-right-padded batches; shared-prompt batches (fixed and ragged lengths); a LoRA model;
 when it does not apply; and whole SFT and DPO runs with it on and off."""
 
 import json
@@ -41,30 +41,25 @@ def assert_same(model, fn):
 # ----------------------------------------------------------------------------- layout
 
 
-def test_layout_merges_equal_segments_into_runs():
-    """Prompts of 3, 3 and 2 tokens (segments 0-2), then completions of 4, 4 after prompt 0, 4 after prompt 1,
-    1 after prompt 2, and an empty one (skipped)."""
-    layout = packed.Layout.from_segments([3, 3, 2, 4, 4, 4, 1, 0], [None, None, None, 0, 0, 1, 2, 2])
-    runs = [(r.start, r.count, r.length, r.prefix_length, r.prefix_run, r.prefix_offset) for r in layout.runs]
-    assert runs == [(0, 2, 3, 0, 0, 0),  # both 3-token prompts in one run
-                    (6, 1, 2, 0, 0, 0),
-                    (8, 2, 4, 3, 0, 0),  # after prompt 0: run 0 from its token 0
-                    (16, 1, 4, 3, 0, 3),  # after prompt 1: run 0 from its token 3
-                    (20, 1, 1, 2, 1, 0)]
-
-
-def test_mask_sees_the_whole_prefix_and_itself_causally():
-    layout = packed.Layout([])
-    assert layout.mask(2, 3, "cpu").int().tolist() == [[1, 1, 1, 0, 0],
-                                                       [1, 1, 1, 1, 0],
-                                                       [1, 1, 1, 1, 1]]
+def test_layout_gathers_segments_into_two_padded_blocks():
+    """Segments of 3 and 2 tokens without a prefix; of 4 after segment 0, 1 after segment 1, 0 (skipped) after 0.
+    Tokens: segment 0 at 0-2, 1 at 3-4, 2 at 5-8, 3 at 9."""
+    layout = packed.Layout.from_segments([3, 2, 4, 1, 0], [None, None, 0, 1, 0])
+    assert layout.plain.tolist() == [[0, 1, 2], [3, 4, 4]]  # right-padded by repeating the last position
+    assert layout.own.tolist() == [[5, 6, 7, 8], [9, 9, 9, 9]]
+    assert layout.prefix.tolist() == [[0, 1, 2], [3, 3, 4]]  # left-padded: segment 1 has 2 tokens of 3
+    causal = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert layout.mask[0, 0].int().tolist() == [[1, 1, 1] + row for row in causal]
+    assert layout.mask[1, 0].int().tolist() == [[0, 1, 1] + row for row in causal]  # not the prefix's pad
+    # outputs: the plain block's 2 x 3 first, then the prefixed block's 2 x 4
+    assert layout.order.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
 
 
 def test_pack_rows_takes_every_real_token_row_by_row():
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
     index, layout = packed.pack_rows(mask)
     assert index.tolist() == [1, 2, 3, 4, 5, 12, 13, 14, 15]
-    assert [(r.start, r.count, r.length) for r in layout.runs] == [(0, 1, 3), (3, 1, 2), (5, 1, 4)]
+    assert layout.plain.tolist() == [[0, 1, 2, 2], [3, 4, 4, 4], [5, 6, 7, 8]] and layout.own is None
     assert packed.pack_rows(torch.tensor([[1, 0, 1, 1]])) is None  # a hole: positions would differ
 
 
@@ -73,13 +68,14 @@ def test_shared_layout_puts_each_completion_after_its_prompt():
     batch = collate_prompt_completion([[5, 6, 7], [8]], [[9, 10], [11], [12, 13, 14]], [0, 0, 1], pad_id=0)
     tokens, positions, layout, states, targets = _packed_layout(batch)
     flat = batch["input_ids"].flatten()
-    # completions sorted by (prompt, length): [11] (no input token: it is only a target), [9 10], [12 13 14]
+    # prompts, then each row's completion without its last token ([11] has none: it is only a target)
     assert flat[tokens].tolist() == [5, 6, 7, 8, 9, 12, 13]
     assert positions.tolist() == [0, 1, 2, 0, 3, 1, 2]
-    # row 1 ([11]) is predicted from 7 (packed 2); row 0 from 7 then 9 (packed 4); row 2 from 8, 12, 13
-    assert states.tolist() == [2, 2, 4, 3, 5, 6]
+    # row 0 is predicted from 7 (packed 2) then 9 (4); row 1 from 7; row 2 from 8 (3), 12 (5), 13 (6)
+    assert states.tolist() == [2, 4, 2, 3, 5, 6]
     C = batch["completion_mask"].shape[1]
-    assert targets.tolist() == [1 * C, 0, 1, 2 * C, 2 * C + 1, 2 * C + 2]
+    assert targets.tolist() == [0, 1, C, 2 * C, 2 * C + 1, 2 * C + 2]
+    assert layout.own.tolist() == [[4, 4], [5, 6]] and layout.prefix.tolist() == [[0, 1, 2], [3, 3, 3]]
 
 
 # ----------------------------------------------------------------------------- equal to the padded forward
@@ -115,16 +111,14 @@ def test_token_logprobs_equal_padded(side, vocab):
 
 @pytest.mark.parametrize("vocab", [103, 5000])
 def test_fixed_length_groups_equal_padded(vocab):
-    """GRPO's shape: 2 prompts of 3 tokens side by side (one run) and one of 5; 3 completions of 6 tokens each
-    (one run per prompt, each after a prompt inside the shared run)."""
+    """GRPO's shape: prompts of 3, 3 and 5 tokens; 3 completions of 6 tokens each (5 input tokens)."""
     model = make_model(vocab)
     generator = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(3, vocab, (n,), generator=generator).tolist()  # noqa: E731
     prompts = [ids(3), ids(3), ids(5)]
     batch = collate_prompt_completion(prompts, [ids(6) for _ in range(9)], [i // 3 for i in range(9)], pad_id=0)
     layout = _packed_layout(batch)[2]
-    assert [(r.count, r.length, r.prefix_length, r.prefix_offset) for r in layout.runs] == [
-        (2, 3, 0, 0), (1, 5, 0, 0), (3, 5, 3, 0), (3, 5, 3, 3), (3, 5, 5, 0)]
+    assert layout.plain.shape == (3, 5) and layout.own.shape == (9, 5) and layout.prefix.shape == (9, 5)
 
     def forward(m):
         if packed.unsupported_reason(m) is None:

@@ -11,15 +11,16 @@ that runs once, and each completion is a segment whose prefix it is:
 
 The model's own forward runs (its modules, so DDP, FSDP and PEFT hooks run as usual); only its attention
 function is replaced for the call, through transformers' AttentionInterface. CPU PyTorch has no
-variable-length attention kernel: each run of consecutive segments with one length and one prefix is one
-batched SDPA call. Hidden states equal the padded forward's within float rounding, and so do the gradients
+variable-length attention kernel, so attention alone runs padded: the segments are gathered into at most two
+padded blocks (those without a prefix, and those with one) and each block is one SDPA call; the projections,
+MLP and norms run on the N packed tokens only. Hidden states equal the padded forward's within float rounding, and so do the gradients
 (tests/test_packed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,78 +54,90 @@ def enabled(on: bool):
 
 
 @dataclass
-class Run:
-    """`count` consecutive segments of `length` tokens from token `start`, each attending causally to itself after
-    the `prefix_length` tokens of a prefix (0: none), which starts at token `prefix_offset` of run `prefix_run`."""
-
-    start: int
-    count: int
-    length: int
-    prefix_length: int = 0
-    prefix_run: int = 0
-    prefix_offset: int = 0
-
-
-@dataclass
 class Layout:
-    """How the packed sequence (1, N) splits into segments: runs in order, covering 0 .. N-1."""
+    """Where each segment of the packed sequence (1, N) lies, and the padded blocks attention runs on.
 
-    runs: list[Run]
-    masks: dict = field(default_factory=dict)  # (prefix_length, length) -> (length, prefix_length + length) bool
+    Segments without a prefix (a row, or a shared prompt) are gathered right-padded into one block (S, L) and
+    attend causally (a pad position comes after every real one, so no mask is needed). Segments with a prefix
+    are gathered into one block (S', L') of queries whose keys are the prefix, left-padded to Lp, then their
+    own tokens: `mask` (S', 1, L', Lp + L') lets query i see the real prefix keys and its own keys 0..i.
+    Only attention runs on these padded blocks; everything else runs on the N packed tokens.
+      plain (S, L), own (S', L'), prefix (S', Lp): packed positions (pads repeat a real position of the row)
+      order (N,): where each packed token's output lies in the blocks' outputs, flattened one after the other
+    """
+
+    plain: Tensor | None
+    own: Tensor | None
+    prefix: Tensor | None
+    mask: Tensor | None
+    order: Tensor
 
     @classmethod
-    def from_segments(cls, lengths: list[int], prefixes: list[int | None] | None = None) -> "Layout":
+    def from_segments(cls, lengths: list[int], prefixes: list[int | None] | None = None, device=None) -> "Layout":
         """Segments of `lengths` laid end to end from token 0; `prefixes[i]`: the earlier segment that segment i
-        attends to in full (None: none). Consecutive segments of one length and one prefix share a run."""
+        attends to in full (None: none). Empty segments are skipped."""
         prefixes = prefixes or [None] * len(lengths)
-        runs, start, where = [], 0, {}  # where: segment -> (its run, its offset in the run)
-        for segment, (length, prefix) in enumerate(zip(lengths, prefixes)):
-            if length == 0:
-                continue
-            prefix_length = lengths[prefix] if prefix is not None else 0
-            prefix_run, prefix_offset = where[prefix] if prefix is not None else (0, 0)
-            last = runs[-1] if runs else None
-            if last and (last.length, last.prefix_length, last.prefix_run, last.prefix_offset) == (
-                    length, prefix_length, prefix_run, prefix_offset):
-                last.count += 1
-            else:
-                runs.append(Run(start, 1, length, prefix_length, prefix_run, prefix_offset))
-            where[segment] = (len(runs) - 1, start - runs[-1].start)
-            start += length
-        return cls(runs)
+        length = torch.tensor(lengths, dtype=torch.long, device=device)
+        start = length.cumsum(0) - length
+        prefix_of = torch.tensor([-1 if p is None else p for p in prefixes], dtype=torch.long, device=device)
+        real = length > 0
+        plain, prefixed = (real & (prefix_of < 0)).nonzero().squeeze(-1), (real & (prefix_of >= 0)).nonzero().squeeze(-1)
 
-    def mask(self, prefix_length: int, length: int, device) -> Tensor:
-        """Query i of a segment sees the whole prefix and its own keys 0..i: causal, aligned bottom-right."""
-        key = (prefix_length, length)
-        if key not in self.masks:
-            keys = torch.arange(prefix_length + length, device=device)
-            self.masks[key] = keys[None] <= torch.arange(length, device=device)[:, None] + prefix_length
-        return self.masks[key]
+        def block(segments: Tensor) -> Tensor:  # (S, L) positions of each segment's tokens, right-padded
+            offsets = torch.arange(int(length[segments].max()), device=device)
+            return start[segments, None] + torch.minimum(offsets[None], length[segments, None] - 1)
+
+        # order: segment s's token j is at row rank[s], column j of its block
+        rank = torch.zeros_like(length)
+        rank[plain], rank[prefixed] = torch.arange(len(plain), device=device), torch.arange(len(prefixed), device=device)
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), length)  # (N,)
+        column = torch.arange(len(segment), device=device) - start[segment]
+        plain_block = block(plain) if len(plain) else None
+        plain_size = plain_block.numel() if plain_block is not None else 0
+        own = prefix = mask = None
+        width = 0
+        if len(prefixed):
+            own = block(prefixed)  # (S', L')
+            width = own.shape[1]
+            owner = prefix_of[prefixed]  # (S',) the prefix segment of each
+            prefix_length = length[owner]
+            Lp = int(prefix_length.max())
+            pad = Lp - prefix_length  # (S',) left padding of each prefix
+            columns = torch.arange(Lp, device=device)
+            prefix = start[owner, None] + (columns[None] - pad[:, None]).clamp(min=0)  # (S', Lp)
+            sees_prefix = columns[None] >= pad[:, None]  # (S', Lp)
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            mask = torch.cat([sees_prefix[:, None].expand(-1, width, -1), causal.expand(len(prefixed), -1, -1)],
+                             dim=-1)[:, None]  # (S', 1, L', Lp + L')
+        is_plain = prefix_of[segment] < 0
+        block_width = torch.where(is_plain, plain_block.shape[1] if plain_block is not None else 0, width)
+        order = torch.where(is_plain, 0, plain_size) + rank[segment] * block_width + column
+        return cls(plain_block, own, prefix, mask, order)
 
 
 def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function interface, over a packed sequence: query (1, heads, N, d), key and
-    value (1, kv_heads, N, d) -> ((1, N, heads, d), None). The layout comes in `tether_layout`.
-
-    The sequence is split run by run (one split: its backward is one concatenation, where slicing would add
-    a zero-filled full-size gradient per slice)."""
+    value (1, kv_heads, N, d) -> ((1, N, heads, d), None). The layout comes in `tether_layout`: at most two
+    SDPA calls per layer, on the padded blocks gathered from the packed tokens."""
     layout: Layout = kwargs["tether_layout"]
-    sizes = [run.count * run.length for run in layout.runs]
-    queries, keys, values = (x[0].split(sizes, dim=1) for x in (query, key, value))  # per run (h, count * len, d)
+    q, k, v = query[0], key[0], value[0]  # (h, N, d)
+    gqa = k.shape[0] != q.shape[0]
     outputs = []
-    for run, q, k, v in zip(layout.runs, queries, keys, values):
-        q, k, v = (x.unflatten(1, (run.count, run.length)).transpose(0, 1) for x in (q, k, v))  # (count, h, len, d)
-        mask = None
-        if run.prefix_length:
-            prefix = slice(run.prefix_offset, run.prefix_offset + run.prefix_length)
-            k = torch.cat([keys[run.prefix_run][None, :, prefix].expand(run.count, -1, -1, -1), k], dim=2)
-            v = torch.cat([values[run.prefix_run][None, :, prefix].expand(run.count, -1, -1, -1), v], dim=2)
-            mask = layout.mask(run.prefix_length, run.length, query.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                                             dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1])
-        outputs.append(out.transpose(1, 2).flatten(0, 1))  # (count * length, heads, d)
-    return torch.cat(outputs)[None], None
+    if layout.plain is not None:
+        rows = layout.plain
+        out = F.scaled_dot_product_attention(q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1),
+                                             v[:, rows].transpose(0, 1), is_causal=True, scale=scaling,
+                                             dropout_p=dropout, enable_gqa=gqa)  # (S, h, L, d)
+        outputs.append(out.transpose(1, 2).flatten(0, 1))  # (S * L, h, d)
+    if layout.own is not None:
+        own, prefix = layout.own, layout.prefix
+        keys = torch.cat([k[:, prefix], k[:, own]], dim=2).transpose(0, 1)  # (S', kv, Lp + L', d)
+        values = torch.cat([v[:, prefix], v[:, own]], dim=2).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q[:, own].transpose(0, 1), keys, values, attn_mask=layout.mask,
+                                             scale=scaling, dropout_p=dropout, enable_gqa=gqa)  # (S', h, L', d)
+        outputs.append(out.transpose(1, 2).flatten(0, 1))
+    return torch.cat(outputs)[layout.order][None], None
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
@@ -182,4 +195,4 @@ def pack_rows(attention_mask: Tensor) -> tuple[Tensor, Layout] | None:
     if bool(((last - first + 1 != lengths) & (lengths > 0)).any()):
         return None
     index = attention_mask.flatten().nonzero().squeeze(-1)  # (N,) row-major: row after row
-    return index, Layout.from_segments(lengths.tolist())
+    return index, Layout.from_segments(lengths.tolist(), device=attention_mask.device)

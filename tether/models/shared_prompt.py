@@ -134,7 +134,7 @@ def completion_logprobs(model, batch: dict, *, temperature: float = 1.0, entropy
 
 def _packed_layout(batch: dict):
     """Where everything lies in the packed sequence: every distinct prompt's real tokens, then every completion's
-    input tokens (all but the last), grouped by prompt and length so equal segments share an attention call.
+    input tokens (all but the last).
 
     Returns (tokens (N,): flat indices into input_ids, positions (N,), layout, states (M,): the packed position
     whose output predicts each completion token, targets (M,): flat indices into the (n, C) completion grid),
@@ -158,7 +158,7 @@ def _packed_layout(batch: dict):
         lengths.append(length)
         prefixes.append(None)
     states, targets = [], []
-    for row in sorted(range(n), key=lambda r: (prompt_of[r], completion_lengths[r])):
+    for row in range(n):
         u, length = prompt_of[row], completion_lengths[row]
         if length == 0:
             continue
@@ -169,7 +169,7 @@ def _packed_layout(batch: dict):
         targets.append(row * C + arange(length))
         lengths.append(length - 1)
         prefixes.append(u)
-    layout = packed.Layout.from_segments(lengths, prefixes)
+    layout = packed.Layout.from_segments(lengths, prefixes, device=input_ids.device)
     return torch.cat(tokens), torch.cat(positions), layout, torch.cat(states), torch.cat(targets)
 
 
