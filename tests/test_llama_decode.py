@@ -1,7 +1,11 @@
 """The lean Llama-family decode step (`tether.rollout.llama_decode`) against the Hugging Face forward it replaces:
 logits step by step on left-padded, repeated prompts for several configurations (GQA, multi-head, tied and untied
 embeddings, an explicit head_dim, RoPE scalings, Qwen2's q/k/v biases, Mistral's sliding window), the sampler's
-outputs with and without it, and a clear refusal of everything it does not reproduce."""
+outputs with and without it, and a clear refusal of everything it does not reproduce. The fused C attention
+(`tether/rollout/decode_attention.c`) and its PyTorch fallback are both checked, and the kernel alone against a
+plain softmax attention on ragged shapes."""
+
+import shutil
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
     Qwen2ForCausalLM
 
 from tether.models.tiny import tiny_model, tiny_tokenizer
-from tether.rollout import BuiltinSampler, SamplingParams
+from tether.rollout import BuiltinSampler, SamplingParams, native
 from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
 
 VOCAB = 50
@@ -57,10 +61,12 @@ def left_padded(prompts, pad_id, total):
     return input_ids, attention_mask, (attention_mask[:, :P].cumsum(-1) - 1).clamp(min=0)
 
 
+@pytest.mark.parametrize("native_attention", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decode_steps_equal_hf_forward(name):
+def test_decode_steps_equal_hf_forward(name, native_attention):
     """Prompts of lengths 3, 7, 5 (left-padded), each repeated twice as the sampler does, then 12 steps with
-    random tokens: every step's logits equal the Hugging Face forward over its own DynamicCache within 1e-5."""
+    random tokens: every step's logits equal the Hugging Face forward over its own DynamicCache within 1e-5,
+    with the attention in C and in PyTorch ops."""
     model = CONFIGS[name]()
     assert unsupported_reason(model, 32) is None
     prompts = [[1, 5, 9], [2, 4, 6, 8, 10, 12, 14], [3, 3, 7, 11, 13]]
@@ -73,7 +79,8 @@ def test_decode_steps_equal_hf_forward(name):
         model(input_ids=input_ids, attention_mask=attention_mask[:, :7], position_ids=positions,
               past_key_values=cache, use_cache=True)
         attention_mask = attention_mask.repeat_interleave(repeats, 0)
-        decoder = LlamaDecoder(model, 7 + steps)
+        decoder = LlamaDecoder(model, 7 + steps, native_attention=native_attention)
+        assert decoder.native == (native_attention and native.library() is not None)
         decoder.load_cache(cache, attention_mask, repeats=repeats)
         cache.batch_repeat_interleave(repeats)
         position = positions[:, -1].repeat_interleave(repeats) + 1
@@ -84,8 +91,9 @@ def test_decode_steps_equal_hf_forward(name):
             position = position + 1
 
 
+@pytest.mark.parametrize("native_attention", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("repeats", [1, 3])
-def test_select_rows_keeps_their_cache(repeats):
+def test_select_rows_keeps_their_cache(repeats, native_attention):
     """Dropping rows mid-way (finished samples) leaves the kept rows' logits as before; with repeated prompts
     the prompt-shared cache is first unfolded into one row per sample."""
     model = CONFIGS["llama_gqa"]()
@@ -95,7 +103,8 @@ def test_select_rows_keeps_their_cache(repeats):
         cache = DynamicCache(config=model.config)
         model(input_ids=input_ids, attention_mask=attention_mask[::repeats, :3], position_ids=positions,
               past_key_values=cache, use_cache=True)
-        full, part = LlamaDecoder(model, 10), LlamaDecoder(model, 10)
+        full = LlamaDecoder(model, 10, native_attention=native_attention)
+        part = LlamaDecoder(model, 10, native_attention=native_attention)
         for decoder in (full, part):
             decoder.load_cache(cache, attention_mask, repeats=repeats)
         position = positions[:, -1].repeat_interleave(repeats) + 1
@@ -151,3 +160,73 @@ def test_lora_model_is_refused_and_sampled_through_its_forward():
     assert "not a plain linear layer" in unsupported_reason(lora.get_base_model())
     batch = BuiltinSampler(lora, tok).generate(["ab"], SamplingParams(temperature=0, max_new_tokens=4))
     assert len(batch.completion_ids[0]) == 4
+
+
+def reference_attention(q, keys, values, bias):
+    """softmax(q k^T + bias) v, row by row: q (G, d), keys / values (T, d), bias (T,) -> (G, d)."""
+    return torch.softmax(q @ keys.T + bias, dim=-1) @ values
+
+
+@pytest.mark.parametrize("G,d", [(2, 32), (3, 24), (1, 64), (4, 128)])
+def test_native_kernel_equals_plain_attention(G, d):
+    """The C kernel alone on ragged shapes: 3 prompts x 3 samples (odd row counts), G query heads per kv head
+    (odd G included), head sizes on the unrolled paths (32, 64, 128) and the generic one (24), prompts of 5
+    positions with masked ones (bias -inf), 7 own positions. It writes the new key and value into the cache
+    first; the outputs equal a plain softmax attention over prompt + own positions within 1e-5."""
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    U, n, kv, P, c = 3, 3, 2, 5, 7
+    heads, Tp, Tc = kv * G, native.padded(P), native.padded(c)
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(U * n, heads + 2 * kv, d, generator=generator)
+    prompt = torch.randn(2, U, kv, Tp * d, generator=generator)
+    own = torch.randn(2, U, kv, n, Tc * d, generator=generator)
+    bias = torch.zeros(U, P)
+    bias[0, :2] = bias[2, 0] = float("-inf")  # left padding of prompts 0 and 2
+    before = own.clone()
+    out = native.decode_attention(qkv, prompt, P, bias, own, c, heads, kv, d, torch.empty(n * G * (P + c)))
+
+    prompt_keys, prompt_values = prompt[0].unflatten(-1, (d, Tp)), prompt[1].unflatten(-1, (Tp, d))
+    own_keys, own_values = own[0].unflatten(-1, (d, Tc)), own[1].unflatten(-1, (Tc, d))
+    for u in range(U):
+        for j in range(n):
+            b = u * n + j
+            for h in range(kv):
+                new_key, new_value = qkv[b, heads + h], qkv[b, heads + kv + h]
+                torch.testing.assert_close(own_keys[u, h, j, :, c - 1], new_key, rtol=0, atol=0)
+                torch.testing.assert_close(own_values[u, h, j, c - 1], new_value, rtol=0, atol=0)
+                keys = torch.cat([prompt_keys[u, h, :, :P].T, own_keys[u, h, j, :, :c].T])  # (P + c, d)
+                values = torch.cat([prompt_values[u, h, :P], own_values[u, h, j, :c]])
+                expected = reference_attention(qkv[b, h * G:(h + 1) * G], keys, values,
+                                               torch.cat([bias[u], torch.zeros(c)]))
+                torch.testing.assert_close(out[b].view(heads, d)[h * G:(h + 1) * G], expected, atol=1e-5, rtol=1e-5)
+    written = torch.zeros_like(own, dtype=torch.bool)
+    written[0].unflatten(-1, (d, Tc))[..., c - 1] = True
+    written[1].unflatten(-1, (Tc, d))[..., c - 1, :] = True
+    assert torch.equal(own[~written], before[~written])  # nothing else in the cache changed
+
+
+def test_native_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    """With no usable compiler (or TETHER_NATIVE=0) `library()` is None, decoders use the PyTorch attention and
+    sampling gives the same tokens; with one, the kernel builds into $TETHER_CACHE and loads."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2).eval()
+    params = SamplingParams(temperature=1.0, n=3, max_new_tokens=12, seed=4)
+    with_kernel = BuiltinSampler(model, tok).generate(["ab", "hello"], params)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that always fails
+    assert native.library() is None and not LlamaDecoder(model, 16).native
+    without = BuiltinSampler(model, tok).generate(["ab", "hello"], params)
+    assert without.completion_ids == with_kernel.completion_ids
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("TETHER_NATIVE", "0")
+    monkeypatch.delenv("CC")
+    assert native.library() is None
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        return
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("TETHER_NATIVE", "1")
+    assert native.library() is not None and LlamaDecoder(model, 16).native
+    assert list((tmp_path / "native").glob("decode_attention-*.so"))

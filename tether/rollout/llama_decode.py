@@ -14,7 +14,10 @@ attention and cache). `LlamaDecoder` runs the same arithmetic as a plain functio
 
 The n samples of a prompt attend over one copy of its keys and values (`_attend_grouped`): the prompt part of
 the attention is one matmul per prompt with n times the query rows, read from memory once, and only the
-completion part is per sample. The prefill still runs the model's own forward (once per chunk of prompts); its
+completion part is per sample. On CPU the attention of a step (cache reads, scores, softmax, weighted sum)
+is one call into a small C kernel (`decode_attention.c`, compiled on first use by `native.py`): in PyTorch it
+is ~12 ops per layer over 2-row matrices, and dispatch, not arithmetic, set its cost. The PyTorch version
+stays as the fallback and the reference. The prefill still runs the model's own forward (once per chunk of prompts); its
 cache is copied in. Results equal the Hugging Face forward within float rounding (tests/test_llama_decode.py);
 `unsupported_reason` names anything this path does not reproduce exactly, and the sampler then keeps the
 model's forward.
@@ -25,6 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tether.rollout import native
+from tether.rollout.native import padded
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies depend only on the config (a table of positions reproduces them). "dynamic"
@@ -124,9 +130,18 @@ class _Layer:
         self.input_norm = (layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon)
         self.post_norm = (layer.post_attention_layernorm.weight.detach(),
                           layer.post_attention_layernorm.variance_epsilon)
-        # Keys then values, set by `LlamaDecoder.load_cache`: the prompts' (2, U, kv_heads, P, d) and the
-        # completions' (2, U, kv_heads, n, T_max - P, d); once rows are dropped, one (2, B, kv_heads, T_max, d).
+        # Keys then values, set by `LlamaDecoder.load_cache` (`split_cache` gives the two views): the prompts'
+        # (2, U, kv_heads, P' d) and the completions' (2, U, kv_heads, n, T' d); once rows are dropped, one
+        # (2, B, kv_heads, T'' d) per sample. Lengths are padded to the native kernel's key block (16).
         self.prompt = self.cache = None
+
+
+def split_cache(cache: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """A cache block (2, ..., T * d) as views: keys transposed (..., d, T) and values (..., T, d).
+
+    Keys are kept transposed so that a query's scores over them are one row of a matmul, and the native
+    kernel reads 16 keys at a time as contiguous columns."""
+    return cache[0].unflatten(-1, (head_dim, -1)), cache[1].unflatten(-1, (-1, head_dim))
 
 
 class LlamaDecoder:
@@ -140,7 +155,7 @@ class LlamaDecoder:
     The weights are read (and copied where fused) at construction: build one per `generate` call.
     """
 
-    def __init__(self, model, max_length: int):
+    def __init__(self, model, max_length: int, native_attention: bool = True):
         config = _text_config(model)
         body = model.model
         attention = body.layers[0].self_attn
@@ -156,6 +171,9 @@ class LlamaDecoder:
         self.layers = [_Layer(layer, self.num_heads, self.num_kv_heads, self.head_dim) for layer in body.layers]
         self.rotation = self._rotation_table(body.rotary_emb, max_length)  # (T_max, heads + 2 kv_heads, d/2)
         self.length = 0  # positions in the cache
+        # The fused C attention (`native.py`) on CPU float32 when it compiled; else the same in PyTorch ops.
+        self.native = (native_attention and self.embed.device.type == "cpu" and native.supports(self.head_dim)
+                       and native.library() is not None)
 
     def _rotation_table(self, rotary_emb, max_length: int) -> Tensor:
         """cos + i sin of every position, from the model's own rotary module (so every static RoPE scaling
@@ -180,28 +198,39 @@ class LlamaDecoder:
         for layer, cached in zip(self.layers, cache.layers):
             keys, values = cached.keys, cached.values  # (U, kv_heads, P, d)
             U, kv_heads, P, d = keys.shape
-            layer.prompt = torch.stack([keys[..., order.to(keys.device)], values])  # (2, U, kv_heads, P, d)
-            layer.cache = keys.new_empty(2, U, kv_heads, repeats, self.max_length - P, d)  # completions, per row
+            layer.prompt = keys.new_zeros(2, U, kv_heads, padded(P) * d)
+            prompt_keys, prompt_values = split_cache(layer.prompt, d)
+            prompt_keys[..., :P] = keys[..., order.to(keys.device)].transpose(-1, -2)
+            prompt_values[..., :P, :] = values
+            layer.cache = keys.new_zeros(2, U, kv_heads, repeats, padded(self.max_length - P) * d)  # per sample
         self.groups, self.prompt_length = U, P
         self.length = P
         self.grouped = True
         prompt_mask = attention_mask[::repeats, :P]  # (U, P)
         self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill_(
-            prompt_mask == 0, float("-inf"))[:, None, None]  # (U, 1, 1, P)
+            prompt_mask == 0, float("-inf"))  # (U, P)
+        G = self.num_heads // self.num_kv_heads
+        self.scratch = keys.new_empty(repeats * G * self.max_length)  # the native kernel's scores
         if repeats == 1:  # nothing to share
             self._flatten()
 
     def _flatten(self) -> None:
-        """One cache row per sample (B, kv_heads, T_max, d), prompt and completion together, for row dropping."""
+        """One cache row per sample (2, B, kv_heads, T * d), prompt and completion together, for row dropping."""
         U, n, P, c = self.groups, self.repeats, self.prompt_length, self.length - self.prompt_length
         for layer in self.layers:
-            _, _, kv_heads, P, d = layer.prompt.shape
-            cache = layer.prompt.new_empty(2, U * n, kv_heads, self.max_length, d)
-            cache[:, :, :, :P] = layer.prompt.repeat_interleave(n, dim=1)
-            cache[:, :, :, P:P + c] = layer.cache[..., :c, :].transpose(2, 3).reshape(2, U * n, kv_heads, c, d)
+            _, _, kv_heads, _ = layer.prompt.shape
+            d = self.head_dim
+            cache = layer.prompt.new_zeros(2, U * n, kv_heads, padded(self.max_length) * d)
+            keys, values = split_cache(cache, d)  # (B, kv_heads, d, T), (B, kv_heads, T, d)
+            prompt_keys, prompt_values = split_cache(layer.prompt, d)  # (U, kv_heads, d, P'), (U, kv_heads, P', d)
+            own_keys, own_values = split_cache(layer.cache, d)  # (U, kv_heads, n, d, T'), (U, kv_heads, n, T', d)
+            keys[..., :P] = prompt_keys[..., :P].repeat_interleave(n, dim=0)
+            values[..., :P, :] = prompt_values[..., :P, :].repeat_interleave(n, dim=0)
+            keys[..., P:P + c] = own_keys[..., :c].transpose(1, 2).reshape(U * n, kv_heads, d, c)
+            values[..., P:P + c, :] = own_values[..., :c, :].transpose(1, 2).reshape(U * n, kv_heads, c, d)
             layer.cache, layer.prompt = cache, None
         bias = torch.zeros(self.attention_mask.shape, device=self.attention_mask.device)
-        self.mask_bias = bias.masked_fill_(self.attention_mask == 0, float("-inf"))[:, None, None]  # (B, 1, 1, T_max)
+        self.mask_bias = bias.masked_fill_(self.attention_mask == 0, float("-inf"))  # (B, T_max)
         self.grouped = False
 
     def select(self, keep: Tensor) -> None:
@@ -213,14 +242,19 @@ class LlamaDecoder:
         self.mask_bias = self.mask_bias[keep]
 
     def _attend_flat(self, cache: Tensor, qkv: Tensor, t: int) -> Tensor:
-        """Attention of one new token per row over its cache row: cache (2, B, kv_heads, T_max, d), qkv (B, heads
+        """Attention of one new token per row over its cache row: cache (2, B, kv_heads, T * d), qkv (B, heads
         + 2 kv_heads, d) rotated -> (B, heads * d)."""
         B, heads, kv_heads, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        cache[:, :, :, t] = qkv[:, heads:].view(B, 2, kv_heads, d).transpose(0, 1)
+        if self.native:  # the cache write included
+            return native.decode_attention(qkv, cache, t + 1, self.mask_bias, None, 0, heads, kv_heads, d,
+                                           self.scratch)
+        keys, values = split_cache(cache, d)  # (B, kv_heads, d, T), (B, kv_heads, T, d)
+        new = qkv[:, heads:].view(B, 2, kv_heads, d)
+        keys[..., t], values[..., t, :] = new[:, 0], new[:, 1]
         q = qkv[:, :heads].view(B, kv_heads, heads // kv_heads, d)  # (B, kv_heads, G, d): GQA groups
-        scores = torch.matmul(q, cache[0, :, :, :t + 1].transpose(-1, -2))  # (B, kv_heads, G, T)
-        probs = torch.softmax(scores.add_(self.mask_bias[..., :t + 1]), dim=-1)
-        return torch.matmul(probs, cache[1, :, :, :t + 1]).view(B, heads * d)  # (B, kv_heads, G, d) flattened
+        scores = torch.matmul(q, keys[..., :t + 1])  # (B, kv_heads, G, T)
+        probs = torch.softmax(scores.add_(self.mask_bias[:, None, None, :t + 1]), dim=-1)
+        return torch.matmul(probs, values[..., :t + 1, :]).view(B, heads * d)  # (B, kv_heads, G, d) flattened
 
     def _attend_grouped(self, layer: _Layer, qkv: Tensor, t: int) -> Tensor:
         """The same, with the n samples of a prompt reading its keys and values as one batch (prompt-shared, or
@@ -229,14 +263,21 @@ class LlamaDecoder:
         U, n, P = self.groups, self.repeats, self.prompt_length
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         G, c = heads // kv_heads, t - P + 1  # c: completion positions in the cache, this token included
-        layer.cache[..., t - P, :] = qkv[:, heads:].view(U, n, 2, kv_heads, d).permute(2, 0, 3, 1, 4)
+        if self.native:  # the cache write included
+            return native.decode_attention(qkv, layer.prompt, P, self.prompt_bias, layer.cache, c, heads, kv_heads,
+                                           d, self.scratch)
+        keys, values = split_cache(layer.cache, d)  # (U, kv_heads, n, d, T'), (U, kv_heads, n, T', d)
+        new = qkv[:, heads:].view(U, n, 2, kv_heads, d).transpose(1, 3)  # (U, kv_heads, 2, n, d)
+        keys[..., t - P], values[..., t - P, :] = new[:, :, 0], new[:, :, 1]
+        prompt_keys, prompt_values = split_cache(layer.prompt, d)  # (U, kv_heads, d, P'), (U, kv_heads, P', d)
         q = qkv[:, :heads].view(U, n, kv_heads, G, d).transpose(1, 2).contiguous()  # (U, kv_heads, n, G, d)
-        prompt_scores = torch.matmul(q.view(U, kv_heads, n * G, d), layer.prompt[0].transpose(-1, -2))
-        prompt_scores.add_(self.prompt_bias)  # (U, kv_heads, n G, P)
-        own_scores = torch.matmul(q, layer.cache[0, ..., :c, :].transpose(-1, -2))  # (U, kv_heads, n, G, c)
+        prompt_scores = torch.matmul(q.view(U, kv_heads, n * G, d), prompt_keys[..., :P])
+        prompt_scores.add_(self.prompt_bias[:, None, None])  # (U, kv_heads, n G, P)
+        own_scores = torch.matmul(q, keys[..., :c])  # (U, kv_heads, n, G, c)
         probs = torch.softmax(torch.cat([prompt_scores.view(U, kv_heads, n, G, P), own_scores], -1), dim=-1)
-        attended = torch.matmul(probs[..., P:], layer.cache[1, ..., :c, :])  # (U, kv_heads, n, G, d)
-        attended += torch.matmul(probs[..., :P].reshape(U, kv_heads, n * G, P), layer.prompt[1]).view(attended.shape)
+        attended = torch.matmul(probs[..., P:], values[..., :c, :])  # (U, kv_heads, n, G, d)
+        attended += torch.matmul(probs[..., :P].reshape(U, kv_heads, n * G, P),
+                                 prompt_values[..., :P, :]).view(attended.shape)
         return attended.transpose(1, 2).reshape(U * n, heads * d)  # rows u * n + j, heads kv * G + g
 
     def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
