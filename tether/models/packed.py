@@ -115,6 +115,12 @@ class Layout:
         return cls(plain_block, own, prefix, mask, order)
 
 
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """x (heads, N, d) at the token indices `index` (S, L) -> (S, heads, L, d). index_select, not x[:, index]:
+    its backward is an index_add, about twice as fast on CPU as advanced indexing's accumulating index_put."""
+    return x.index_select(1, index.flatten()).unflatten(1, index.shape).transpose(0, 1)
+
+
 def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function interface, over a packed sequence: query (1, heads, N, d), key and
@@ -126,18 +132,17 @@ def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     outputs = []
     if layout.plain is not None:
         rows = layout.plain
-        out = F.scaled_dot_product_attention(q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1),
-                                             v[:, rows].transpose(0, 1), is_causal=True, scale=scaling,
-                                             dropout_p=dropout, enable_gqa=gqa)  # (S, h, L, d)
+        out = F.scaled_dot_product_attention(_gather(q, rows), _gather(k, rows), _gather(v, rows), is_causal=True,
+                                             scale=scaling, dropout_p=dropout, enable_gqa=gqa)  # (S, h, L, d)
         outputs.append(out.transpose(1, 2).flatten(0, 1))  # (S * L, h, d)
     if layout.own is not None:
         own, prefix = layout.own, layout.prefix
-        keys = torch.cat([k[:, prefix], k[:, own]], dim=2).transpose(0, 1)  # (S', kv, Lp + L', d)
-        values = torch.cat([v[:, prefix], v[:, own]], dim=2).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q[:, own].transpose(0, 1), keys, values, attn_mask=layout.mask,
+        keys = torch.cat([_gather(k, prefix), _gather(k, own)], dim=2)  # (S', kv, Lp + L', d)
+        values = torch.cat([_gather(v, prefix), _gather(v, own)], dim=2)
+        out = F.scaled_dot_product_attention(_gather(q, own), keys, values, attn_mask=layout.mask,
                                              scale=scaling, dropout_p=dropout, enable_gqa=gqa)  # (S', h, L', d)
         outputs.append(out.transpose(1, 2).flatten(0, 1))
-    return torch.cat(outputs)[layout.order][None], None
+    return torch.cat(outputs).index_select(0, layout.order)[None], None
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
