@@ -6,6 +6,7 @@ outputs with and without it, and a clear refusal of everything it does not repro
 plain softmax attention on ragged shapes."""
 
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -230,3 +231,11 @@ def test_native_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("TETHER_NATIVE", "1")
     assert native.library() is not None and LlamaDecoder(model, 16).native
     assert list((tmp_path / "native").glob("decode_attention-*.so"))
+    # An unwritable cache folder (here a file stands where the folder should be): built in the temp folder.
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "not-a-folder"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.library() is not None
+    assert list((tmp_path / "tmp" / "tether-native").glob("decode_attention-*.so"))

@@ -2,8 +2,8 @@
 
 The C file needs no torch headers and no build step at install time: the first call compiles it with the
 system C compiler (`$CC`, else cc / gcc / clang) into tether's cache folder (`$TETHER_CACHE`, else
-~/.cache/tether), under a name made from a hash of the source, the compiler and its flags, in well under a
-second. Later processes load that file. Without a compiler, or with TETHER_NATIVE=0, `library()` is None and
+~/.cache/tether; the temp folder when that is not writable), under a name made from a hash of the source, the
+compiler, its flags and the CPU model, in well under a second. Later processes load that file. Without a compiler, or with TETHER_NATIVE=0, `library()` is None and
 the sampler runs the same attention in PyTorch ops (`LlamaDecoder._attend_*`); the results agree to float
 rounding (tests/test_llama_decode.py).
 """
@@ -33,10 +33,21 @@ _library: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the built library goes: tether's cache folder, else (unwritable) the temp folder."""
     root = os.environ.get("TETHER_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
                                                           or os.path.expanduser("~/.cache"), "tether")
-    return Path(root) / "native"
+    return [Path(root) / "native", Path(tempfile.gettempdir()) / "tether-native"]
+
+
+def _cpu_id() -> str:
+    """The CPU's model and instruction-set flags: a -march=native build is only reused on the same kind of CPU
+    (a cache folder shared between machines must not hand one an instruction it lacks)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(line for line in lines if line.startswith(("model name", "flags", "Features")))[:20000]
+    except OSError:
+        return platform.processor()
 
 
 def _compiler() -> str | None:
@@ -49,7 +60,7 @@ def _build(compiler: str, flags: list[str], target: Path) -> bool:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built)],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             logger.debug("%s %s failed: %s", compiler, " ".join(flags), result.stderr[-2000:])
             return False
@@ -72,14 +83,16 @@ def library() -> ctypes.CDLL | None:
     source = SOURCE.read_bytes()
     for flags in FLAGS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"decode_attention-{key}.so"
-        try:
-            if target.exists() or _build(compiler, flags, target):
-                _library = _load(target)
-                return _library
-        except OSError as error:  # unwritable cache folder, a broken file: try the next flags, then give up
-            logger.debug("native decode attention with %s: %s", flags, error)
+                                         platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:16]
+        for folder in _cache_dirs():
+            target = folder / f"decode_attention-{key}.so"
+            try:
+                if target.exists() or _build(compiler, flags, target):
+                    _library = _load(target)
+                    return _library
+                break  # the compiler refused these flags: try the next ones
+            except (OSError, subprocess.SubprocessError) as error:  # unwritable folder, broken file, timeout
+                logger.debug("native decode attention with %s in %s: %s", flags, folder, error)
     logger.warning("could not compile %s with %s: decode attention runs in PyTorch ops", SOURCE.name, compiler)
     return None
 
