@@ -231,11 +231,38 @@ def test_native_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("TETHER_NATIVE", "1")
     assert native.library() is not None and LlamaDecoder(model, 16).native
     assert list((tmp_path / "native").glob("decode_attention-*.so"))
-    # An unwritable cache folder (here a file stands where the folder should be): built in the temp folder.
+    # An unwritable cache folder (here a file stands where the folder should be): built in a private
+    # temporary folder for this process, never loaded from a shared one.
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "not-a-folder"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(native, "_tried", False)
     assert native.library() is not None
-    assert list((tmp_path / "tmp" / "tether-native").glob("decode_attention-*.so"))
+    assert list((tmp_path / "tmp").glob("tether-native-*/decode_attention-*.so"))
+
+
+def test_native_kernel_refuses_out_of_range_arguments():
+    """The wrapper checks what the kernel trusts (shapes, lengths within the padded caches, scratch size) and
+    says which: the C code itself does no bounds checks."""
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    U, n, kv, G, d = 2, 2, 1, 2, 8
+    qkv = torch.zeros(U * n, kv * G + 2 * kv, d)
+    prompt, own = torch.zeros(2, U, kv, 16 * d), torch.zeros(2, U, kv, n, 16 * d)
+    bias, scratch = torch.zeros(U, 16), torch.zeros(n * G * 32)
+    args = dict(heads=kv * G, kv_heads=kv, head_dim=d, scratch=scratch)
+    assert native.decode_attention(qkv, prompt, 16, bias, own, 16, **args).shape == (U * n, kv * G * d)
+    with pytest.raises(ValueError, match="positions out of the cache"):
+        native.decode_attention(qkv, prompt, 17, bias, own, 1, **args)
+    with pytest.raises(ValueError, match="positions out of the cache"):
+        native.decode_attention(qkv, prompt, 3, bias, own, 17, **args)
+    with pytest.raises(ValueError, match="one row"):  # no own part: one row per prompt
+        native.decode_attention(qkv, prompt, 3, bias, None, 0, **args)
+    with pytest.raises(ValueError, match="scratch too small"):
+        native.decode_attention(qkv, prompt, 16, bias, own, 16, **{**args, "scratch": torch.zeros(10)})
+    with pytest.raises(ValueError, match="float32"):
+        native.decode_attention(qkv.double(), prompt, 3, bias, own, 1, **args)
+    with pytest.raises(ValueError, match="head size 12"):
+        native.decode_attention(torch.zeros(U * n, 4, 12), torch.zeros(2, U, kv, 16 * 12), 3, bias,
+                                torch.zeros(2, U, kv, n, 16 * 12), 1, **{**args, "head_dim": 12})

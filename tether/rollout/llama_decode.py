@@ -207,7 +207,7 @@ class LlamaDecoder:
         self.length = P
         self.grouped = True
         prompt_mask = attention_mask[::repeats, :P]  # (U, P)
-        self.prompt_bias = torch.zeros(prompt_mask.shape, device=prompt_mask.device).masked_fill_(
+        self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=keys.dtype, device=prompt_mask.device).masked_fill_(
             prompt_mask == 0, float("-inf"))  # (U, P)
         G = self.num_heads // self.num_kv_heads
         self.scratch = keys.new_empty(repeats * G * self.max_length)  # the native kernel's scores
@@ -229,7 +229,7 @@ class LlamaDecoder:
             keys[..., P:P + c] = own_keys[..., :c].transpose(1, 2).reshape(U * n, kv_heads, d, c)
             values[..., P:P + c, :] = own_values[..., :c, :].transpose(1, 2).reshape(U * n, kv_heads, c, d)
             layer.cache, layer.prompt = cache, None
-        bias = torch.zeros(self.attention_mask.shape, device=self.attention_mask.device)
+        bias = torch.zeros(self.attention_mask.shape, dtype=self.scratch.dtype, device=self.attention_mask.device)
         self.mask_bias = bias.masked_fill_(self.attention_mask == 0, float("-inf"))  # (B, T_max)
         self.grouped = False
 
