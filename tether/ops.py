@@ -289,11 +289,8 @@ def model_token_logprobs(
                                     layout)
         logprobs, entropy = _forward_logprobs(model, forward, labels.flatten()[index][None], temperature,
                                               chunk_size, return_entropy)  # (1, N)
-
-        def unpack(x: Tensor) -> Tensor:  # (1, N) -> (B, T), 0 on padding
-            return x.new_zeros(input_ids.numel()).index_copy(0, index, x[0]).view(input_ids.shape)
-
-        logprobs, entropy = unpack(logprobs), (unpack(entropy) if return_entropy else None)
+        logprobs = packed.unpack(logprobs, index, input_ids.shape)  # (B, T), 0 on padding
+        entropy = packed.unpack(entropy, index, input_ids.shape) if return_entropy else None
     else:
         kwargs = {}
         if bool((attention_mask[:, 0] == 0).any()):  # left padding: positions must start at 0

@@ -13,13 +13,14 @@ The model's own forward runs (its modules, so DDP, FSDP and PEFT hooks run as us
 function is replaced for the call, through transformers' AttentionInterface. CPU PyTorch has no
 variable-length attention kernel, so attention alone runs padded: the segments are gathered into at most two
 padded blocks (those without a prefix, and those with one) and each block is one SDPA call; the projections,
-MLP and norms run on the N packed tokens only. Hidden states equal the padded forward's within float rounding, and so do the gradients
-(tests/test_packed.py).
+MLP and norms run on the N packed tokens only. Hidden states equal the padded forward's within float rounding,
+and so do the gradients (tests/test_packed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,8 @@ class Layout:
         start = length.cumsum(0) - length
         prefix_of = torch.tensor([-1 if p is None else p for p in prefixes], dtype=torch.long, device=device)
         real = length > 0
-        plain, prefixed = (real & (prefix_of < 0)).nonzero().squeeze(-1), (real & (prefix_of >= 0)).nonzero().squeeze(-1)
+        plain = (real & (prefix_of < 0)).nonzero().squeeze(-1)
+        prefixed = (real & (prefix_of >= 0)).nonzero().squeeze(-1)
 
         def block(segments: Tensor) -> Tensor:  # (S, L) positions of each segment's tokens, right-padded
             offsets = torch.arange(int(length[segments].max()), device=device)
@@ -89,7 +91,8 @@ class Layout:
 
         # order: segment s's token j is at row rank[s], column j of its block
         rank = torch.zeros_like(length)
-        rank[plain], rank[prefixed] = torch.arange(len(plain), device=device), torch.arange(len(prefixed), device=device)
+        rank[plain] = torch.arange(len(plain), device=device)
+        rank[prefixed] = torch.arange(len(prefixed), device=device)
         segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), length)  # (N,)
         column = torch.arange(len(segment), device=device) - start[segment]
         plain_block = block(plain) if len(plain) else None
@@ -113,6 +116,12 @@ class Layout:
         block_width = torch.where(is_plain, plain_block.shape[1] if plain_block is not None else 0, width)
         order = torch.where(is_plain, 0, plain_size) + rank[segment] * block_width + column
         return cls(plain_block, own, prefix, mask, order)
+
+
+def unpack(values: Tensor, index: Tensor, shape) -> Tensor:
+    """Per-token values of a packed row (1, N) back to their places in a grid of `shape`: `index` (N,) holds
+    their flat indices there; everything else is 0."""
+    return values.new_zeros(math.prod(shape)).index_copy(0, index, values[0]).view(shape)
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:

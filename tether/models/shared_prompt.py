@@ -151,24 +151,27 @@ def _packed_layout(batch: dict):
     prompt_of = inverse.tolist()
     arange = functools.partial(torch.arange, device=input_ids.device)
     tokens, positions, lengths, prefixes, prompt_start = [], [], [], [], []
+    total = 0  # packed tokens so far: where the next segment starts
     for row, length in zip(first.tolist(), prompt_lengths):  # segment u: prompt u
-        prompt_start.append(sum(lengths))
+        prompt_start.append(total)
         tokens.append(row * width + P - length + arange(length))
         positions.append(arange(length))
         lengths.append(length)
         prefixes.append(None)
+        total += length
     states, targets = [], []
     for row in range(n):
         u, length = prompt_of[row], completion_lengths[row]
         if length == 0:
             continue
-        start, prompt_length = sum(lengths), prompt_lengths[prompt_of[row]]
+        start, prompt_length = total, prompt_lengths[u]
         tokens.append(row * width + P + arange(length - 1))  # the last completion token is only a target
         positions.append(prompt_length + arange(length - 1))
         states.append(torch.cat([arange(1) + prompt_start[u] + prompt_length - 1, start + arange(length - 1)]))
         targets.append(row * C + arange(length))
         lengths.append(length - 1)
         prefixes.append(u)
+        total += length - 1
     layout = packed.Layout.from_segments(lengths, prefixes, device=input_ids.device)
     return torch.cat(tokens), torch.cat(positions), layout, torch.cat(states), torch.cat(targets)
 
@@ -200,8 +203,5 @@ def packed_completion_logprobs(model, batch: dict, *, temperature: float = 1.0, 
         if entropy:
             with contextlib.nullcontext() if entropy_grad else torch.no_grad():
                 token_entropy = entropy_from_logits(logits, temperature=temperature)
-
-    def unpack(x: Tensor) -> Tensor:  # (1, M) -> (n, C), 0 on padding
-        return x.new_zeros(n * C).index_copy(0, targets, x[0]).view(n, C)
-
-    return unpack(logprobs), (unpack(token_entropy) if token_entropy is not None else None)
+    logprobs = packed.unpack(logprobs, targets, (n, C))  # (n, C), 0 on padding
+    return logprobs, (packed.unpack(token_entropy, targets, (n, C)) if token_entropy is not None else None)

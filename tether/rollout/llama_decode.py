@@ -217,9 +217,8 @@ class LlamaDecoder:
     def _flatten(self) -> None:
         """One cache row per sample (2, B, kv_heads, T * d), prompt and completion together, for row dropping."""
         U, n, P, c = self.groups, self.repeats, self.prompt_length, self.length - self.prompt_length
+        kv_heads, d = self.num_kv_heads, self.head_dim
         for layer in self.layers:
-            _, _, kv_heads, _ = layer.prompt.shape
-            d = self.head_dim
             cache = layer.prompt.new_zeros(2, U * n, kv_heads, padded(self.max_length) * d)
             keys, values = split_cache(cache, d)  # (B, kv_heads, d, T), (B, kv_heads, T, d)
             prompt_keys, prompt_values = split_cache(layer.prompt, d)  # (U, kv_heads, d, P'), (U, kv_heads, P', d)
@@ -229,7 +228,7 @@ class LlamaDecoder:
             keys[..., P:P + c] = own_keys[..., :c].transpose(1, 2).reshape(U * n, kv_heads, d, c)
             values[..., P:P + c, :] = own_values[..., :c, :].transpose(1, 2).reshape(U * n, kv_heads, c, d)
             layer.cache, layer.prompt = cache, None
-        bias = torch.zeros(self.attention_mask.shape, dtype=self.scratch.dtype, device=self.attention_mask.device)
+        bias = torch.zeros(self.attention_mask.shape, dtype=self.prompt_bias.dtype, device=self.attention_mask.device)
         self.mask_bias = bias.masked_fill_(self.attention_mask == 0, float("-inf"))  # (B, T_max)
         self.grouped = False
 

@@ -100,20 +100,20 @@ def _find_or_build() -> ctypes.CDLL | None:
     if compiler is None:
         logger.info("no C compiler found: decode attention runs in PyTorch ops (slower on small models)")
         return None
+    folder = _cache_dir()
     try:
-        source = SOURCE.read_bytes()
+        identity = [SOURCE.read_bytes(), " ".join(compiler).encode(), platform.machine().encode(),
+                    _cpu_id().encode()]
         for flags in FLAGS:
-            key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(),
-                                             platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:16]
+            key = hashlib.sha256(b"\0".join([*identity, " ".join(flags).encode()])).hexdigest()[:16]
             name = f"decode_attention-{key}.so"
-            folder = _cache_dir()
-            try:
-                if folder is not None and ((folder / name).exists() or _build(compiler, flags, folder / name)):
-                    return _load(folder / name)
-                if folder is not None:
+            if folder is not None:
+                try:
+                    if (folder / name).exists() or _build(compiler, flags, folder / name):
+                        return _load(folder / name)
                     continue  # the compiler refused these flags: try the next ones
-            except OSError as error:  # an unwritable cache folder: build for this process only
-                logger.debug("cache folder %s: %s", folder, error)
+                except OSError as error:  # an unwritable cache folder: build for this process only
+                    logger.debug("cache folder %s: %s", folder, error)
             private = Path(tempfile.mkdtemp(prefix="tether-native-"))
             if _build(compiler, flags, private / name):
                 return _load(private / name)
@@ -149,11 +149,10 @@ def decode_attention(q: Tensor, prompt: Tensor, prompt_length: int, bias: Tensor
     writing the token's key and value to the cache (at own position own_length - 1; without an own part, at
     prompt position prompt_length - 1).
 
-    q: (B, heads + 2 kv_heads, head_dim) rows b = u * n + j, the fused [q | k | v] heads. prompt: (2, U, kv_heads,
-    T_p * d), keys
-    transposed (d, T_p) then values (T_p, d) per prompt and kv head, T_p a multiple of 16; the first
-    `prompt_length` positions are read, with `bias` (U, >= prompt_length) added (None: no bias). own: (2, U,
-    kv_heads, n, T_c * d) the same per sample, `own_length` positions (None: no own part, n = B / U).
+    q: (B, heads + 2 kv_heads, head_dim) rows b = u * n + j, the fused [q | k | v] heads. prompt: (2, U,
+    kv_heads, T_p * d), keys transposed (d, T_p) then values (T_p, d) per prompt and kv head, T_p a multiple of
+    16; the first `prompt_length` positions are read, with `bias` (U, >= prompt_length) added (None: no bias).
+    own: (2, U, kv_heads, n, T_c * d) the same per sample, `own_length` positions (None: no own part, n = 1).
     scratch: at least n * G * (prompt_length + own_length) floats. Returns (B, heads * head_dim).
     """
     d, B, U, G = head_dim, q.shape[0], prompt.shape[1], heads // kv_heads
@@ -164,22 +163,25 @@ def decode_attention(q: Tensor, prompt: Tensor, prompt_length: int, bias: Tensor
             raise ValueError(f"decode_attention: {name} must be a CPU float32 tensor with a contiguous last dim")
     p_ld = prompt.shape[-1] // d
     c_ld = own.shape[-1] // d if own is not None else KEY_BLOCK
-    checks = [
-        (q.dim() == 3 and q.shape[1] == heads + 2 * kv_heads and q.shape[2] == d and q.stride(1) == d,
-         f"q must be (B, heads + 2 kv_heads, d) with contiguous heads, got {tuple(q.shape)}"),
-        (B == U * n and heads % kv_heads == 0, f"{B} rows are not a whole number of samples for {U} prompts"),
-        (own is not None or n == 1, "without an own part every prompt has one row"),
-        (own is None or (own.shape[:4] == (2, U, kv_heads, n)), "own part of the wrong shape"),
-        (prompt.shape[:3] == (2, U, kv_heads), "prompt part of the wrong shape"),
-        (p_ld % KEY_BLOCK == 0 and c_ld % KEY_BLOCK == 0, "cache lengths must be padded to 16 positions"),
-        (1 <= prompt_length <= p_ld and 0 <= own_length <= c_ld and (own is None or own_length >= 1),
-         f"positions out of the cache: prompt {prompt_length} of {p_ld}, own {own_length} of {c_ld}"),
-        (bias is None or (bias.shape[0] == U and bias.shape[-1] >= prompt_length), "bias of the wrong shape"),
-        (scratch.numel() >= n * G * (prompt_length + own_length), "scratch too small"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"decode_attention: {message}")
+    # Checked on every call (the C code trusts all of it); the messages are only built for a failure.
+    if not (q.dim() == 3 and q.shape[1] == heads + 2 * kv_heads and q.shape[2] == d and q.stride(1) == d):
+        raise ValueError(f"decode_attention: q must be (B, heads + 2 kv_heads, d) with contiguous heads, "
+                         f"got {tuple(q.shape)}")
+    if B != U * n or heads % kv_heads:
+        raise ValueError(f"decode_attention: {B} rows are not a whole number of samples for {U} prompts")
+    if own is None and n != 1:
+        raise ValueError("decode_attention: without an own part every prompt has one row")
+    if prompt.shape[:3] != (2, U, kv_heads) or (own is not None and own.shape[:4] != (2, U, kv_heads, n)):
+        raise ValueError("decode_attention: prompt or own part of the wrong shape")
+    if p_ld % KEY_BLOCK or c_ld % KEY_BLOCK:
+        raise ValueError("decode_attention: cache lengths must be padded to 16 positions")
+    if not (1 <= prompt_length <= p_ld and 0 <= own_length <= c_ld and (own is None or own_length >= 1)):
+        raise ValueError(f"decode_attention: positions out of the cache: prompt {prompt_length} of {p_ld}, "
+                         f"own {own_length} of {c_ld}")
+    if bias is not None and (bias.shape[0] != U or bias.shape[-1] < prompt_length):
+        raise ValueError("decode_attention: bias of the wrong shape")
+    if scratch.numel() < n * G * (prompt_length + own_length):
+        raise ValueError("decode_attention: scratch too small")
     out = q.new_empty(B, heads * d)
     if own is None:
         own, own_length = prompt, 0  # not read
@@ -188,7 +190,7 @@ def decode_attention(q: Tensor, prompt: Tensor, prompt_length: int, bias: Tensor
         q.data_ptr(), q.stride(0), prompt[0].data_ptr(), prompt[1].data_ptr(), prompt.stride(1), prompt.stride(2),
         p_ld, prompt_length, bias.data_ptr() if bias is not None else None, bias.stride(0) if bias is not None else 0,
         own[0].data_ptr(), own[1].data_ptr(), own.stride(1), own.stride(2), c_j, c_ld, own_length,
-        out.data_ptr(), U, n, kv_heads, heads // kv_heads, d, scratch.data_ptr())
+        out.data_ptr(), U, n, kv_heads, G, d, scratch.data_ptr())
     if status != 0:
         raise ValueError(f"decode_attention: head size {d} is not supported (a multiple of 8 up to 256)")
     return out
