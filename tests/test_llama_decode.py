@@ -14,7 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
     Qwen2ForCausalLM
 
 from tether.models.tiny import tiny_model, tiny_tokenizer
-from tether.rollout import BuiltinSampler, SamplingParams, native
+from tether.rollout import BuiltinSampler, SamplingParams, llama_decode, native
 from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
 
 VOCAB = 50
@@ -150,6 +150,18 @@ def test_unsupported_models_are_refused_with_a_reason():
     mistral = CONFIGS["mistral_window"]()
     assert unsupported_reason(mistral, 64) is None and "sliding-window" in unsupported_reason(mistral, 65)
     assert "hidden_act" in unsupported_reason(build(LlamaForCausalLM, LlamaConfig, hidden_act="gelu"))
+
+
+def test_weight_copies_limit_counts_every_projection(monkeypatch):
+    # The tiny model (hidden 128, 4 heads and 2 kv heads of 32, MLP 384, 4 layers): per layer q and o 128 x 128,
+    # k and v 64 x 128, gate, up and down 384 x 128, all copied transposed: 196,608 floats, 3 MB for 4 layers.
+    model = tiny_model(tiny_tokenizer())
+    copies = 4 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128) * 4
+    assert copies == 3 * 2**20
+    monkeypatch.setattr(llama_decode, "MAX_COPY_BYTES", copies)
+    assert unsupported_reason(model) is None
+    monkeypatch.setattr(llama_decode, "MAX_COPY_BYTES", copies - 1)
+    assert "weight copies would take 3 MB" in unsupported_reason(model)
 
 
 def test_lora_model_is_refused_and_sampled_through_its_forward():

@@ -118,10 +118,12 @@ class _Layer:
             return weight.view(heads, head_dim, *weight.shape[1:])[:, order].reshape(weight.shape)
 
         q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
-        # Every weight is stored transposed and contiguous, (in, out): a decode step multiplies a few rows by
-        # it, and on CPU that matmul is ~15% faster with the weight laid out row by row of its input (docs/benchmarks.md).
-        self.qkv_weight_t = torch.cat([heads_reordered(q.weight.detach(), num_heads) * scale,
-                                       heads_reordered(k.weight.detach(), num_kv_heads), v.weight.detach()]).T.contiguous()
+        # Every weight is stored transposed and contiguous, (in, out): a decode step multiplies a few rows by it,
+        # and on CPU that matmul is ~15% faster with the weight laid out row by row of its input
+        # (docs/benchmarks.md, session 6).
+        qkv_weight = torch.cat([heads_reordered(q.weight.detach(), num_heads) * scale,
+                                heads_reordered(k.weight.detach(), num_kv_heads), v.weight.detach()])
+        self.qkv_weight_t = qkv_weight.T.contiguous()  # (H, (heads + 2 kv_heads) d)
         self.qkv_bias = None
         if q.bias is not None:
             self.qkv_bias = torch.cat([heads_reordered(q.bias.detach(), num_heads) * scale,
@@ -154,7 +156,7 @@ class LlamaDecoder:
         logits = decoder.step(tokens, positions)             # (B,), (B,) -> (B, V); the cache grows by one
 
     `attention_mask` (B, max_length) marks the real positions of every row (left padding 0, the rest 1).
-    The weights are read (and copied where fused) at construction: build one per `generate` call.
+    The weights are read (and copied, transposed) at construction: build one per `generate` call.
     """
 
     def __init__(self, model, max_length: int, native_attention: bool = True):
@@ -291,7 +293,10 @@ class LlamaDecoder:
         h = F.embedding(tokens, self.embed)  # (B, H)
         for layer in self.layers:
             x = F.rms_norm(h, (H,), *layer.input_norm)
-            qkv = x @ layer.qkv_weight_t if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, x, layer.qkv_weight_t)
+            if layer.qkv_bias is None:
+                qkv = x @ layer.qkv_weight_t
+            else:
+                qkv = torch.addmm(layer.qkv_bias, x, layer.qkv_weight_t)
             qkv = qkv.view(B, -1, d // 2, 2)  # (B, heads + 2 kv_heads, d/2, 2)
             qkv = torch.view_as_real(torch.view_as_complex(qkv) * rotation).view(B, -1, d)  # rotary on q and k
             if self.grouped:
