@@ -22,6 +22,9 @@ RECIPES = {
     "best-of-n": "tether.recipes.best_of_n:BestOfNConfig:run",
     "rft": "tether.recipes.rft:RFTConfig:train",
     "distill": "tether.recipes.distill:DistillConfig:train",
+    "annotate": "tether.annotate.cli:AnnotateConfig:serve",
+    "annotate export": "tether.annotate.cli:ExportConfig:export_labels",
+    "annotate stats": "tether.annotate.cli:ExportConfig:show_stats",
 }
 # subcommand → "module:function(argv) -> int"
 TOOLS = {
@@ -47,6 +50,7 @@ Tools:
   eval        pass@k, maj@k, reward-model accuracy, win rate, reward scores
   pipeline    run a multi-stage recipe (e.g. DeepSeek-R1, InstructGPT) from one YAML
   demo        the whole pipeline on the built-in tiny model, on this CPU
+  annotate    a web page where people label preference pairs (then: annotate export | annotate stats)
 """
 
 
@@ -111,6 +115,8 @@ def _main(argv: list[str] | None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "annotate" and rest[:1] in (["export"], ["stats"]):
+        command, rest = f"annotate {rest[0]}", rest[1:]
     try:
         if command in RECIPES:
             return run_recipe(command, rest)
@@ -121,7 +127,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"tether {command}: config error: {err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as err:
-        if type(err).__name__ in ("DataError", "RewardContractError", "CodeTestsError", "FileNotFoundError"):
+        if type(err).__name__ in ("DataError", "RewardContractError", "CodeTestsError", "FileNotFoundError",
+                                  "StoreError"):
             print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
             return 2
         raise
