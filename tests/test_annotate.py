@@ -353,4 +353,4 @@ def test_annotate_export_rm_dpo_loop_with_a_scripted_annotator(tmp_path):
     dpo.train(load_config(dpo.DPOConfig, None, {
         **common, "output_dir": str(tmp_path / "dpo"), "max_steps": 20, "learning_rate": 5e-4}))
     dpo_eval = json.loads((tmp_path / "dpo" / "eval.json").read_text())
-    assert dpo_eval["accuracy"] >= 0.9
+    assert dpo_eval["rewards_accuracy"] >= 0.9
