@@ -309,12 +309,38 @@ def test_labels_acknowledged_before_sigkill_are_all_kept(tmp_path):
 # ----------------------------------------------------------------------------- the loop
 
 
+def label_through_the_api(store: LabelStore, annotators: dict) -> None:
+    """Serve `store` and let each scripted annotator {name: choose(item view) -> 'left' | 'right'} label every
+    pair open to them, as the page would."""
+    server = AnnotateServer(store, host="127.0.0.1", port=0)
+    server.start_in_thread()
+    client = Client(server.url)
+    try:
+        for name, choose in annotators.items():
+            state = client.next(name)
+            while state["item"] is not None:
+                state = client.label(name, state["item"]["id"], choose(state["item"]))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def yes_side(item: dict) -> str:
+    """The hidden rule of examples/data/pref_*.jsonl: "yes, ..." is better than "no, ..."."""
+    return "left" if item["left"].startswith("yes") else "right"
+
+
+def other_side(side: str) -> str:
+    return "right" if side == "left" else "left"
+
+
 @pytest.mark.slow
 def test_annotate_export_rm_dpo_loop_with_a_scripted_annotator(tmp_path):
     """Two scripted annotators (overlap 2) label 96 TRL rows of examples/data/pref_train.jsonl by the hidden
-    rule ("yes, ..." is better), one of them wrong on every 8th pair. Export keeps the pairs with a majority;
-    `tether rm` on them reaches >= 90% held-out accuracy on pref_eval, and `tether dpo` on them ranks the
-    held-out pairs the same way more often than not."""
+    rule ("yes, ..." is better), one of them wrong on every 8th pair. Export keeps the 84 pairs with a majority;
+    `tether rm` on them reaches >= 90% held-out accuracy on pref_eval, and `tether dpo` on them ranks >= 90% of
+    the held-out pairs the same way. Control: an annotator who prefers "no, ..." gives a reward model that is
+    wrong on >= 90% of the held-out pairs, so the labels, not the data's order, are what is learnt."""
     from tether.config import load_config
     from tether.recipes import dpo, reward_model
 
@@ -322,35 +348,31 @@ def test_annotate_export_rm_dpo_loop_with_a_scripted_annotator(tmp_path):
     data.write_text("".join(PREF_TRAIN.read_text().splitlines(keepends=True)[:96]))
     store = LabelStore(tmp_path / "annotate" / "labels.db")
     store.initialise(read_pairs(str(data)), overlap=2, seed=0)
-    server = AnnotateServer(store, host="127.0.0.1", port=0)
-    server.start_in_thread()
-    client = Client(server.url)
-    try:
-        for name in ("careful", "hasty"):
-            state = client.next(name)
-            while state["item"] is not None:
-                item = state["item"]
-                better = "left" if item["left"].startswith("yes") else "right"
-                if name == "hasty" and item["id"] % 8 == 0:
-                    better = "right" if better == "left" else "left"
-                state = client.label(name, item["id"], better)
-    finally:
-        server.shutdown()
-        server.server_close()
+    label_through_the_api(store, {
+        "careful": yes_side,
+        "hasty": lambda item: other_side(yes_side(item)) if item["id"] % 8 == 0 else yes_side(item)})
     assert cli_main(["annotate", "export", f"output_dir={tmp_path / 'annotate'}"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "annotate" / "preferences.jsonl").read_text().splitlines()]
     assert len(rows) == 96 - 12 and all(row["chosen"].startswith("yes") for row in rows)  # 12 split votes left out
     report = stats(store.labels(), 96)
     assert report["agreement"]["percent_agreement"] == pytest.approx(84 / 96)
 
-    common = {"model": "tiny", "data": str(tmp_path / "annotate" / "preferences.jsonl"),
-              "eval_data": str(ROOT / "examples" / "data" / "pref_eval.jsonl"), "batch_size": 16, "max_length": 64,
-              "report_to": [], "progress": False, "warmup_steps": 4}
-    reward_model.train(load_config(reward_model.RewardModelConfig, None, {
-        **common, "output_dir": str(tmp_path / "rm"), "max_steps": 24, "learning_rate": 1e-3}))
-    rm_eval = json.loads((tmp_path / "rm" / "eval.json").read_text())
-    assert rm_eval["accuracy"] >= 0.9
+    def train_rm(preferences, name):
+        reward_model.train(load_config(reward_model.RewardModelConfig, None, {
+            **common, "data": str(preferences), "output_dir": str(tmp_path / name), "max_steps": 24,
+            "learning_rate": 1e-3}))
+        return json.loads((tmp_path / name / "eval.json").read_text())["accuracy"]
+
+    common = {"model": "tiny", "eval_data": str(ROOT / "examples" / "data" / "pref_eval.jsonl"), "batch_size": 16,
+              "max_length": 64, "report_to": [], "progress": False, "warmup_steps": 4}
+    assert train_rm(tmp_path / "annotate" / "preferences.jsonl", "rm") >= 0.9
     dpo.train(load_config(dpo.DPOConfig, None, {
-        **common, "output_dir": str(tmp_path / "dpo"), "max_steps": 20, "learning_rate": 5e-4}))
-    dpo_eval = json.loads((tmp_path / "dpo" / "eval.json").read_text())
-    assert dpo_eval["rewards_accuracy"] >= 0.9
+        **common, "data": str(tmp_path / "annotate" / "preferences.jsonl"), "output_dir": str(tmp_path / "dpo"),
+        "max_steps": 20, "learning_rate": 5e-4}))
+    assert json.loads((tmp_path / "dpo" / "eval.json").read_text())["rewards_accuracy"] >= 0.9
+
+    contrary = LabelStore(tmp_path / "contrary" / "labels.db")
+    contrary.initialise(read_pairs(str(data)), overlap=1, seed=0)
+    label_through_the_api(contrary, {"contrarian": lambda item: other_side(yes_side(item))})
+    export(contrary, tmp_path / "contrary" / "preferences.jsonl", tmp_path / "contrary" / "items.jsonl")
+    assert train_rm(tmp_path / "contrary" / "preferences.jsonl", "rm_contrary") <= 0.1
