@@ -194,21 +194,22 @@ def test_cli_refuses_a_bad_pairs_file_with_one_line(tmp_path, capsys):
 
 def test_sampled_pairs_are_the_samplers_two_samples(tmp_path):
     """model= samples two responses per prompt with tether's sampler: the same two a direct call gives."""
-    from tether.annotate.pairs import SampleSpec, sample_pairs
+    from tether.annotate.cli import AnnotateConfig
+    from tether.annotate.pairs import sample_pairs
     from tether.models import load
     from tether.rollout import SamplingParams, get_sampler
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("3+4=", "12+5=")))
-    items = sample_pairs(SampleSpec(prompts=str(prompts), model="tiny", max_new_tokens=6, device="cpu"))
+    items = sample_pairs(AnnotateConfig(prompts=str(prompts), model="tiny", max_new_tokens=6, device="cpu"))
     model, tokenizer = load("tiny")
     batch = get_sampler("builtin", model, tokenizer).generate(["3+4=", "12+5="],
                                                               SamplingParams(n=2, max_new_tokens=6, seed=0))
     assert [(i.prompt, i.response_a, i.response_b) for i in items] == [
         ("3+4=", batch.completions[0], batch.completions[1]), ("12+5=", batch.completions[2], batch.completions[3])]
     # Two identical models with one seed answer alike: a side-by-side pair of one model with itself is equal.
-    same = sample_pairs(SampleSpec(prompts=str(prompts), model_a="tiny", model_b="tiny", max_new_tokens=6,
-                                   device="cpu"))
+    same = sample_pairs(AnnotateConfig(prompts=str(prompts), model_a="tiny", model_b="tiny", max_new_tokens=6,
+                                       device="cpu"))
     assert all(i.response_a == i.response_b for i in same)
 
 
@@ -256,8 +257,12 @@ def test_concurrent_labels_on_one_item_are_all_kept(served):
     for thread in threads:
         thread.join()
     assert len([label for label in store.labels() if label.item_id == 0]) == 8
-    meta_votes = stats(store.labels(), 6)["items_judged"]
-    assert meta_votes == 1  # one item, each annotator's latest label is their vote
+    report = stats(store.labels(), 6)
+    assert report["items_judged"] == 1 and report["labels"] == 8  # each annotator's latest label is their vote
+    assert report["agreement"]["items_with_overlap"] == 1
+    with urllib.request.urlopen(client.url + "stats", timeout=30) as response:
+        page = response.read().decode()
+    assert "Fleiss&#x27; kappa" in page and "<td>bob</td><td>4</td>" in page
 
 
 def test_labels_acknowledged_before_sigkill_are_all_kept(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tether.annotate.agreement import stats
 from tether.annotate.export import export
-from tether.annotate.pairs import SampleSpec, read_pairs, sample_pairs
+from tether.annotate.pairs import read_pairs, sample_pairs
 from tether.annotate.server import AnnotateServer, render_markdown
 from tether.annotate.store import LabelStore
 from tether.config import ConfigError
@@ -117,10 +117,7 @@ def serve(config: AnnotateConfig, *, ready=None) -> None:
     if config.data:
         items = read_pairs(config.data)
     elif config.model or config.model_a:
-        items = [] if store.meta("fingerprint") else sample_pairs(SampleSpec(
-            prompts=config.prompts, model=config.model, model_a=config.model_a, model_b=config.model_b,
-            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-            seed=config.seed, batch_size=config.batch_size, device=config.device))
+        items = [] if store.meta("fingerprint") else sample_pairs(config)  # a restart does not sample again
     else:
         items = []  # resume whatever the store holds
     resumed = store.initialise(items, overlap=config.overlap, seed=config.seed)

@@ -10,14 +10,17 @@ Sampling (seed 003 §23.3: "sample a prompt q; generate two responses y_A, y_B f
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether.annotate.store import Item
 from tether.data.chat import prompt_text
 from tether.data.loading import DataError, load_rows
 from tether.data.preference import parse_preference_row
+
+if TYPE_CHECKING:
+    from tether.annotate.cli import AnnotateConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +68,7 @@ def read_pairs(source: str) -> list[Item]:
     return items
 
 
-@dataclasses.dataclass
-class SampleSpec:
-    """How to sample the pairs: `model` twice per prompt, or `model_a` against `model_b`."""
-
-    prompts: str
-    model: str = ""
-    model_a: str = ""
-    model_b: str = ""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    seed: int = 0
-    batch_size: int = 16
-    device: str = "auto"
-
-
-def _sample(model_name: str, prompts: list, n: int, spec: SampleSpec) -> list[str]:
+def _sample(model_name: str, prompts: list, n: int, spec: AnnotateConfig) -> list[str]:
     """`n` completions per prompt from one model, grouped prompt by prompt."""
     from tether.models import load  # torch loads only when sampling is asked for
     from tether.rollout import SamplingParams, get_sampler
@@ -98,8 +85,9 @@ def _sample(model_name: str, prompts: list, n: int, spec: SampleSpec) -> list[st
     return sampler.generate(prompt_ids, params).completions
 
 
-def sample_pairs(spec: SampleSpec) -> list[Item]:
-    """Two responses per prompt of `spec.prompts`, as Items."""
+def sample_pairs(spec: AnnotateConfig) -> list[Item]:
+    """Two responses per prompt of `spec.prompts`, as Items; `spec` gives the model(s) and the sampling
+    options (temperature, top_p, max_new_tokens, seed, batch_size, device)."""
     rows = load_rows(spec.prompts)
     lines = _line_numbers(spec.prompts)
     prompts = [_text(row, "prompt", _where(spec.prompts, lines, i), i) for i, row in enumerate(rows)]

@@ -113,13 +113,16 @@ def stats_page(report: dict) -> str:
         for pair, v in agreement["cohen_kappa"].items()]
     position = [["decisive votes", bias["decisive_votes"]], ["left (A) chosen", number(bias["left_chosen"])],
                 ["response_a chosen", number(bias["response_a_chosen"])]]
+    people_head = ["annotator", "labels", "median s/label", "labels/hour", "choices"]
     body = (f"<h1>tether annotate: stats</h1><p><a href='/'>back to labelling</a></p>"
             f"<h2>Counts</h2>{table(summary, ['', ''])}"
-            f"<h2>Annotators</h2>{table(people, ['annotator', 'labels', 'median s/label', 'labels/hour', 'choices'])}"
+            f"<h2>Annotators</h2>{table(people, people_head)}"
             f"<h2>Agreement</h2>{table(agree, ['', ''])}"
-            f"<h2>Position bias</h2><p>0.5 means the screen side does not sway the choice.</p>{table(position, ['', ''])}")
+            f"<h2>Position bias</h2><p>0.5 means the screen side does not sway the choice.</p>"
+            f"{table(position, ['', ''])}")
     style = ("body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left}")
+             "table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>tether annotate: stats</title>" \
            f"<style>{style}</style></head><body>{body}</body></html>"
 
