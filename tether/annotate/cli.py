@@ -29,7 +29,8 @@ STORE_NAME = "labels.db"
 
 @dataclass
 class AnnotateConfig:
-    """Serve a page where people label preference pairs; every label is saved as it is made."""
+    """Serve a page where people label preference pairs; every label is saved as it is made. Then
+    `tether annotate export` writes them as preference rows and `tether annotate stats` shows agreement."""
 
     data: str = ""
     """Pairs to label: rows {prompt, response_a, response_b} or TRL preference rows {prompt, chosen, rejected}."""
