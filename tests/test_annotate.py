@@ -265,6 +265,7 @@ def test_concurrent_labels_on_one_item_are_all_kept(served):
     assert "Fleiss&#x27; kappa" in page and "<td>bob</td><td>4</td>" in page
 
 
+@pytest.mark.slow  # a server process of its own: its start (imports) takes most of the ~5-20 s
 def test_labels_acknowledged_before_sigkill_are_all_kept(tmp_path):
     """The server runs as `tether annotate` in its own process; a client labels as fast as it can and the server
     is killed with SIGKILL mid-stream. Every label the client saw acknowledged is in the store, and a new
