@@ -188,6 +188,8 @@ def test_cli_refuses_a_bad_pairs_file_with_one_line(tmp_path, capsys):
     assert "\n" not in err and "line 1" in err and "field 'response_b'" in err
     assert cli_main(["annotate", "model_a=tiny", "prompts=x.jsonl"]) == 2
     assert "needs both model_a and model_b" in capsys.readouterr().err
+    assert cli_main(["annotate", f"output_dir={tmp_path / 'empty'}", "port=0"]) == 2
+    assert "no pairs to label" in capsys.readouterr().err
     assert cli_main(["annotate", "export", f"output_dir={tmp_path / 'nothing'}"]) == 2
     assert "no label store" in capsys.readouterr().err
 

@@ -132,8 +132,8 @@ class LabelStore:
                 "INSERT INTO items (id, prompt, response_a, response_b, origin) VALUES (?, ?, ?, ?, ?)",
                 [(it.id, json.dumps(it.prompt), json.dumps(it.response_a), json.dumps(it.response_b), it.origin)
                  for it in items])
-            self._db.execute("COMMIT")
             self._set_meta({"fingerprint": fingerprint(items), "overlap": str(overlap), "seed": str(seed)})
+            self._db.execute("COMMIT")  # pairs and their fingerprint together, or neither
             return False
 
     def _set_meta(self, values: dict[str, str]) -> None:
