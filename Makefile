@@ -9,6 +9,7 @@ demo: install
 	$(PYTHON) -m tether demo
 
 test: install
+	PYTHON=$(PYTHON) bash scripts/install_browser.sh
 	$(PYTHON) -m pytest -q tests
 
 test-fast: install
