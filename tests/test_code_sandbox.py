@@ -327,6 +327,32 @@ def test_frame_gc_and_proc_tampering_finds_no_marker(reward):
     assert reward(["p"], [program], tests=[ADD_TESTS]) == [0.0]
 
 
+NAN = "def f(x):\n    return float('nan')\n"
+
+
+@pytest.mark.parametrize(
+    "program, tests",
+    [
+        (NAN, ["assert not f(1) > 3", "assert not f(2) < 0"]),  # every comparison with NaN is False
+        (NAN, ["assert f(1) != 2.5"]),
+        ("def f(x):\n    return [1.0, float('nan')]\n", ["assert not f(1) == [1.0, 2.0]"]),
+        ("def f(x):\n    return {'a': complex(0, float('nan'))}\n", ["assert f(1) != {'a': 1j}"]),
+    ],
+    ids=["negated-asserts", "not-equal", "nested-in-list", "complex-in-dict"],
+)
+def test_a_nan_result_fails_the_test(reward, program, tests):
+    """Issue 19.4: a NaN crossing from the solution fails the test (was 1.0 for all four)."""
+    assert reward(["p"], [program], tests=[tests]) == [0.0]
+    assert reward.last_stats["failed"] == len(tests)
+
+
+def test_a_nan_result_passes_where_the_test_expects_nan(reward):
+    tests = ["import math\nassert math.isnan(f(1))", "assert str(f(2)) == str(float('nan'))"]
+    io = [{"input": "", "output": "nan\n"}]  # stdin/stdout: NaN is text, compared as text
+    assert reward(["p", "p"], [NAN, "print(float('nan'))"], tests=[tests, io]) == [1.0, 1.0]
+    assert reward(["p"], ["print(float('nan'))"], tests=[[{"input": "", "output": "3\n"}]]) == [0.0]
+
+
 def test_the_solution_never_sees_the_test_code(sandbox):
     program = (
         "import os, glob\n"
