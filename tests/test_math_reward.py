@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tether.rewards import RewardSet, RewardSetupError, get_reward
-from tether.rewards.math import extract_answer
+from tether.rewards.math import BadReferenceError, extract_answer
 
 # (completion, reference answer, expected score)
 CASES = [
@@ -171,3 +171,45 @@ def test_none_from_math_makes_the_weighted_total_none(math_reward):
     assert result.total == [None, 1.5, 0.0]
     assert result.none_count == {"math": 1, "format": 0}
     assert result.metrics()["rewards/math/bad_reference"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference answers are checked when the data loads (issue 19.5)
+
+
+@pytest.mark.parametrize(
+    "columns, words",
+    [
+        ({"prompt": "q"}, "missing; the math reward reads the reference answer"),
+        ({"answer": None}, "missing or null"),
+        ({"answer": ""}, "empty"),
+        ({"answer": "  "}, "empty"),
+        ({"answer": "Solve it.\n#### "}, "empty"),
+        ({"answer": float("nan")}, "nan is not a finite number"),
+        ({"answer": float("inf")}, "inf is not a finite number"),
+        ({"answer": "-Infinity"}, "'-Infinity' is not a finite number"),
+        ({"answer": "NaN"}, "'NaN' is not a finite number"),
+        ({"answer": r"\boxed{nan}"}, "'nan' is not a finite number"),
+    ],
+)
+def test_check_rows_refuses_a_bad_reference_naming_file_row_and_field(math_reward, columns, words):
+    good = {"answer": "3"}
+    with pytest.raises(BadReferenceError) as error:
+        math_reward.check_rows("train.jsonl", [(0, good), (5, columns), (6, good)])
+    assert str(error.value).startswith("train.jsonl, row 5, field 'answer': ") and words in str(error.value)
+
+
+def test_check_rows_through_the_reward_set_and_a_renamed_column():
+    rewards = RewardSet([{"name": "math", "answer_column": "solution"}])
+    accepted = [(0, {"solution": r"(-\infty, 3]"}), (1, {"solution": r"\infty"}), (2, {"solution": 7})]
+    rewards.check_rows("d.jsonl", accepted)  # LaTeX infinity written on purpose is a real answer
+    with pytest.raises(BadReferenceError, match=r"d.jsonl, row 1, field 'solution': missing; "):
+        rewards.check_rows("d.jsonl", [(0, {"solution": "1"}), (1, {"answer": "1"})])
+    rewards.close()
+
+
+def test_a_nan_or_infinite_reference_scores_none_not_one(math_reward):
+    """Before the fix JSON NaN matched \\boxed{nan} and Infinity matched \\boxed{\\infty}, both 1.0."""
+    completions = [r"\boxed{nan}", r"\boxed{\infty}", r"\boxed{-\infty}", r"\boxed{\infty}"]
+    answers = [float("nan"), float("inf"), "-inf", r"\infty"]
+    assert math_reward(["q"] * 4, completions, answer=answers) == [None, None, None, 1.0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import numbers
 import os
 import re
 import subprocess
@@ -23,7 +24,12 @@ import threading
 import weakref
 from typing import Any, Sequence
 
+from tether.data.loading import DataError
 from tether.rewards.base import RewardSetupError, as_text
+
+class BadReferenceError(DataError):
+    """A row's reference answer is missing, empty, NaN or infinite; names the file, row and field."""
+
 
 EXTRACT_MODES = ("auto", "boxed", "answer_tag", "last_number")
 TIMEOUT, BAD_REFERENCE = "timeout", "bad_reference"  # worker outcomes besides True/False
@@ -40,6 +46,7 @@ _BOXED_BARE = re.compile(r"\\boxed\s+([^\s${}]+)")  # `\boxed 5`, valid LaTeX fo
 # A number: optional sign (ASCII or U+2212), thousands groups or plain digits, decimals, optional /denominator.
 _NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-\u2212]?\.\d+")
 _BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)  # escapes (\{, \\, \frac) are skipped whole
+_NON_FINITE = re.compile(r"[-+]?(?:nan|inf|infinity)", re.IGNORECASE)  # how Python and JSON spell them
 _MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 
 
@@ -125,13 +132,35 @@ def extract_answer(text: str, mode: str = "auto", tag: str = "answer") -> str | 
 
 
 def _reference(answer: Any) -> str | None:
-    """The gold answer as math text: a GSM8K `#### 42` tail, a \\boxed{} or $...$ are unwrapped."""
-    if answer is None:
-        return None
+    """The gold answer as math text: a GSM8K `#### 42` tail, a \\boxed{} or $...$ are unwrapped.
+    None when there is none, or when it is NaN or infinite (`reference_problem` says which)."""
+    return None if reference_problem(answer) else _reduce_reference(answer)
+
+
+def _reduce_reference(answer: Any) -> str | None:
     text = str(answer)
     if "####" in text:
         text = text.rsplit("####", 1)[1]
     return _clean(text)
+
+
+def reference_problem(answer: Any) -> str | None:
+    """Why `answer` cannot be a reference answer, in words, or None when it can.
+
+    Refused: missing/null, empty (also an empty `####` tail or `\\boxed{}`), and NaN or infinite
+    numbers, including their spellings as text (`nan`, `inf`, `-Infinity`): JSON `NaN` would
+    match `\\boxed{nan}` and JSON `Infinity` would match `\\boxed{\\infty}`. LaTeX written on
+    purpose (`\\infty`, `(-\\infty, 3]`) is a real answer and accepted."""
+    if answer is None:
+        return "missing or null; every row needs its reference answer"
+    if isinstance(answer, numbers.Real) and not isinstance(answer, bool) and not math.isfinite(answer):
+        return f"{answer!r} is not a finite number; a NaN or infinite reference would reward a NaN or \\infty answer"
+    gold = _reduce_reference(answer)
+    if gold is None:
+        return f"empty ({str(answer)[:40]!r}); every row needs its reference answer"
+    if _NON_FINITE.fullmatch(gold):
+        return f"{gold!r} is not a finite number; a NaN or infinite reference would reward a NaN or \\infty answer"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +360,18 @@ def make_math_reward(
                     scores[index] = 1.0 if result else 0.0
         return scores
 
+    def check_rows(source: str, rows: Sequence[tuple[int, dict]]) -> None:
+        """Validate every (row index, columns) of a prompt file when it is loaded, before any sampling: a
+        missing, empty, NaN or infinite reference answer raises BadReferenceError naming file, row and field."""
+        for row, columns in rows:
+            problem = reference_problem(columns.get(answer_column))
+            if answer_column not in columns:
+                problem = "missing; the math reward reads the reference answer from it (or set answer_column)"
+            if problem:
+                raise BadReferenceError(source, problem, row=row, field=answer_column)
+
     math_reward.__name__ = "math"
+    math_reward.check_rows = check_rows
     math_reward.stats = stats
     math_reward.close = worker.close
     return math_reward
