@@ -8,6 +8,7 @@ Time limits are kept short (0.5 s) so the whole file stays well under a minute o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -233,6 +234,42 @@ def test_project_files_and_home_folders_are_invisible(sandbox):
     interpreter_top = Path(os.path.realpath(sys.executable)).parts[1]
     assert set(top_level.split()) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "sys",
                                       "proc", "tmp", interpreter_top}
+
+
+_DEV_PROGRAM = """\
+import json, os, stat
+nodes = []
+for top, dirs, files in os.walk("/dev"):
+    for name in dirs + files:
+        mode = os.lstat(os.path.join(top, name)).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            nodes.append(os.path.join(top, name))
+ptys = []
+try:
+    while len(ptys) < 100:
+        ptys.append(os.openpty())
+except OSError:
+    pass
+mounts = {line.split()[4]: line.split()[5].split(",") for line in open("/proc/self/mountinfo")}
+open("/dev/null", "w").write("x")
+print(json.dumps({"nodes": sorted(nodes), "ptys": len(ptys), "first": os.ttyname(ptys[0][1]) if ptys else None,
+                  "mounts": mounts, "random": len(os.urandom(8)) + len(open("/dev/urandom", "rb").read(8))}))
+"""
+
+
+def test_dev_is_fresh_with_a_private_pty_pool_and_everything_else_nodev(sandbox):
+    """Issue 19.2: the host's /dev was bound whole (read-only, not nodev): /dev/ptmx handed out the
+    host's ptys (~2,000 per run), /dev/nvidia* and /dev/dri/* would have been reachable."""
+    result = sandbox.run({"dev.py": _DEV_PROGRAM}, ["dev.py"], limits=Limits(timeout=10))
+    assert result.status == "ok", result.stderr
+    seen = json.loads(result.stdout)
+    devices = ["/dev/" + name for name in sandbox_module.DEVICES]
+    assert seen["nodes"] == sorted([*devices, "/dev/pts/ptmx"])  # no host node: no tty, disk, GPU, kmsg
+    assert seen["ptys"] == sandbox_module.MAX_PTYS and seen["first"] == "/dev/pts/0"  # a private devpts
+    assert seen["random"] == 16
+    may_open_devices = {*devices, "/dev/pts"}
+    assert all("nodev" in options for point, options in seen["mounts"].items() if point not in may_open_devices)
+    assert all("ro" in seen["mounts"][point] for point in devices)
 
 
 def test_os_system_through_subclasses_cannot_touch_the_host(reward):

@@ -46,7 +46,7 @@ MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 # mount_setattr(2): the one call that makes a whole mount tree read-only (Linux >= 5.12)
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new syscalls share one table)
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 # prctl(2)
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 
@@ -54,10 +54,17 @@ SETUP_FAILED = 125
 MAX_FD = 1 << 20  # descriptors above the program's own are closed up to here
 """Exit status of boot/init when the sandbox could not be built (never the program's own status)."""
 
-SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/etc", "/dev", "/sys")
-"""What a program sees of the machine, read-only, in a fresh root: nothing else exists there (no
-/home, /root, /var, /run, /mnt, /opt, /work, /data, ...: keys, tokens, datasets with the answers,
-other users' files), except the interpreter's own folders, bound back read-only."""
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/etc", "/sys")
+"""What a program sees of the machine, read-only and nodev, in a fresh root: nothing else exists there
+(no /home, /root, /var, /run, /mnt, /opt, /work, /data, ...: keys, tokens, datasets with the answers,
+other users' files), except the interpreter's own folders, bound back read-only, and a fresh /dev."""
+
+DEVICES = ("null", "zero", "full", "random", "urandom")
+"""The only host device nodes in the sandbox's fresh /dev (each bound alone, read-only mount, writable
+node). Besides them /dev holds a private devpts instance (`/dev/ptmx` -> `pts/ptmx`, at most
+MAX_PTYS ptys, none of the host's), the /dev/shm tmpfs and the /dev/fd, stdin/out/err links: no
+/dev/nvidia*, /dev/dri, /dev/kvm, disks, ttys or the host's pty pool."""
+MAX_PTYS = 8
 
 WRITABLE_DIRS = ("/tmp", "/dev/shm")
 """Empty, size-limited tmpfs, private to the run."""
@@ -91,8 +98,8 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _check(result, f"mount {fstype or source} on {target}")
 
 
-def _make_read_only(path: str, recursive: bool) -> None:
-    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+def _make_read_only(path: str, recursive: bool, nodev: bool = True) -> None:
+    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | (MOUNT_ATTR_NODEV if nodev else 0))
     flags = AT_RECURSIVE if recursive else 0
     result = _libc.syscall(
         ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(), ctypes.c_uint(flags),
@@ -186,7 +193,9 @@ def _build_filesystem(spec: dict) -> None:
             _mount(path, root + path, None, MS_BIND | MS_REC)
     for path in ("/tmp", "/proc", *([] if workdir.startswith("/tmp/") else [workdir])):
         os.makedirs(root + path, exist_ok=True)  # mount points, made before everything turns read-only
-    _make_read_only(root, recursive=True)
+    _stage_dev(root + "/dev")
+    _make_read_only(root, recursive=True)  # and nodev: no device node opens anywhere but the ones below
+    _fill_dev(root + "/dev")
 
     for path in WRITABLE_DIRS:
         if os.path.isdir(root + path):
@@ -204,6 +213,33 @@ def _build_filesystem(spec: dict) -> None:
         _mount("tmpfs", root + "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1m,mode=0555")
     os.chdir(root)
     os.chroot(".")
+
+
+def _stage_dev(dev: str) -> None:
+    """A fresh /dev (a small tmpfs): mount points for DEVICES, pts and shm, and the usual links."""
+    os.mkdir(dev)
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    for name in DEVICES:
+        os.close(os.open(f"{dev}/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+    for name in ("pts", "shm"):
+        os.mkdir(f"{dev}/{name}")
+    links = {"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2"}
+    for name, target in links.items():
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _fill_dev(dev: str) -> None:
+    """After the root turned read-only and nodev: bind each of DEVICES alone (its mount keeps device
+    access, read-only: the node stays writable, `chmod` on it fails) and mount a private devpts."""
+    for name in DEVICES:
+        _mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+        _make_read_only(f"{dev}/{name}", recursive=False, nodev=False)
+    try:  # a new devpts instance: its ptys are not the host's, and there are at most MAX_PTYS of them
+        options = f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}"
+        _mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, options)
+    except OSError:  # refused (some containers): no ptys at all, never the host's
+        pass
 
 
 def _exec_program(spec: dict) -> None:
