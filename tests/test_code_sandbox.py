@@ -272,6 +272,80 @@ def test_dev_is_fresh_with_a_private_pty_pool_and_everything_else_nodev(sandbox)
     assert all("ro" in seen["mounts"][point] for point in devices)
 
 
+_KEYRING_PROGRAM = """\
+import ctypes, errno, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+call = lambda name, *args: libc.syscall(ctypes.c_long(NUMBERS[name]), *(ctypes.c_long(a) for a in args))
+KEY_SPEC_USER_KEYRING, KEYCTL_READ = -4, 11
+if sys.argv[1] == "add":
+    key = call("add_key", ctypes.addressof(ctypes.create_string_buffer(b"user")),
+               ctypes.addressof(ctypes.create_string_buffer(b"tether-probe")),
+               ctypes.addressof(ctypes.create_string_buffer(b"secret-1234")), 11, KEY_SPEC_USER_KEYRING)
+    print(json.dumps({"key": key, "errno": errno.errorcode.get(ctypes.get_errno())}))
+else:
+    key = call("request_key", ctypes.addressof(ctypes.create_string_buffer(b"user")),
+               ctypes.addressof(ctypes.create_string_buffer(b"tether-probe")), 0, 0)
+    buffer = ctypes.create_string_buffer(64)
+    size = call("keyctl", KEYCTL_READ, key, ctypes.addressof(buffer), 64, 0) if key > 0 else -1
+    print(json.dumps({"key": key, "read": buffer.raw[:max(size, 0)].decode(errors="replace")}))
+"""
+
+
+def _numbers():
+    machine = os.uname().machine
+    if machine not in sandbox_module.SYSCALL_NUMBERS:
+        pytest.skip(f"no seccomp table for {machine}")
+    return sandbox_module.SYSCALL_NUMBERS[machine][1]
+
+
+def test_keyring_data_does_not_persist_from_one_run_to_the_next(sandbox):
+    """Issue 19.3: add_key(KEY_SPEC_USER_KEYRING) in one run was read back by the next (same uid)."""
+    files = {"keys.py": f"NUMBERS = {_numbers()!r}\n{_KEYRING_PROGRAM}"}
+    added = sandbox.run(files, ["keys.py", "add"], limits=Limits(timeout=10))
+    read = sandbox.run(files, ["keys.py", "read"], limits=Limits(timeout=10))
+    assert added.status == read.status == "ok", added.stderr + read.stderr
+    assert json.loads(added.stdout) == {"key": -1, "errno": "EPERM"}
+    assert json.loads(read.stdout) == {"key": -1, "read": ""}
+
+
+_SYSCALLS_PROGRAM = """\
+import ctypes, errno, json, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def call(number, *args):
+    result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in (*args, 0, 0, 0, 0, 0)[:5]))
+    return errno.errorcode.get(ctypes.get_errno(), "?") if result == -1 else result
+seen = {name: call(number) for name, number in NUMBERS.items() if name in DENIED}
+child = call(NUMBERS["clone"], 0x10000000 | 17)  # CLONE_NEWUSER | SIGCHLD
+if child == 0:
+    os._exit(0)
+seen["clone(CLONE_NEWUSER)"] = child
+seen["clone3"] = call(NUMBERS["clone3"])
+ran = []
+thread = threading.Thread(target=ran.append, args=(1,))
+thread.start()
+thread.join()
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+echoed = subprocess.run(["echo", "hi"], capture_output=True).stdout.decode()
+print(json.dumps({"seen": seen, "works": [ran, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), echoed]}))
+"""
+
+
+def test_the_seccomp_deny_list_refuses_kernel_attack_surface_and_keeps_ordinary_programs_working(sandbox):
+    numbers = _numbers()
+    denied = [name for name in sandbox_module.SECCOMP_DENIED if name in numbers]
+    files = {"calls.py": f"NUMBERS = {numbers!r}\nDENIED = {denied!r}\n{_SYSCALLS_PROGRAM}"}
+    result = sandbox.run(files, ["calls.py"], limits=Limits(timeout=10))
+    assert result.status == "ok", result.stderr
+    report = json.loads(result.stdout)
+    expected = {name: "EPERM" for name in denied} | {"clone(CLONE_NEWUSER)": "EPERM", "clone3": "ENOSYS"}
+    assert report["seen"] == expected
+    assert report["works"] == [[1], 7, "hi\n"]  # threads (clone3 -> clone), fork, exec still work
+    assert {"keyctl", "bpf", "perf_event_open", "userfaultfd", "mount", "ptrace", "kexec_load", "init_module",
+            "finit_module", "unshare"} <= set(denied)
+
+
 def test_os_system_through_subclasses_cannot_touch_the_host(reward):
     marker_file = Path(f"/tmp/xyz_outside_{secrets.token_hex(4)}")
     program = (
