@@ -1,12 +1,14 @@
 """The `math` reward: final-answer extraction, equivalence via math-verify, the hard per-item time limit."""
 
+import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tether.rewards import RewardSet, RewardSetupError, get_reward
-from tether.rewards.math import BadReferenceError, extract_answer
+from tether.rewards.math import BadReferenceError, costly_answer, extract_answer, make_math_reward
 
 # (completion, reference answer, expected score)
 CASES = [
@@ -126,10 +128,11 @@ def test_missing_reference_is_none_not_zero(math_reward):
     assert math_reward(["q", "q"], [r"\boxed{1}", r"\boxed{1}"], answer=[None, "1"]) == [None, 1.0]
 
 
-# 5^{5^{5^5}} has ~10^2184 digits: math-verify's comparison never finishes.
-TOWER = r"\boxed{5^{5^{5^5}}}"
+# (8+1)^{(8+1)^9} has ~3.7 * 10^8 digits: math-verify's comparison runs for minutes. It passes the cheap
+# pre-checks (`costly_answer` reads only literal powers such as 9^{9^9}), so only the time limits stop it.
+SLOW = r"\boxed{(8+1)^{(8+1)^{9}}}"
 TIMEOUT = 1.0
-SLACK = 4.0  # killing the worker and starting a fresh one for the remaining items (~0.5 s idle)
+SLACK = 4.0  # killing a worker and starting a fresh one for the remaining items (~0.5 s idle)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,7 @@ def fast_timeout_reward():
 def test_pathological_answer_hits_the_time_limit(fast_timeout_reward):
     """One slow item is None (a timeout), and the items after it are still judged correctly."""
     start = time.monotonic()
-    scores = fast_timeout_reward(["q"] * 3, [TOWER, r"\boxed{3}", r"\boxed{4}"], answer=["3", "3", "3"])
+    scores = fast_timeout_reward(["q"] * 3, [SLOW, r"\boxed{3}", r"\boxed{4}"], answer=["3", "3", "3"])
     elapsed = time.monotonic() - start
     assert elapsed < TIMEOUT + SLACK
     assert scores == [None, 1.0, 0.0]
@@ -155,7 +158,7 @@ def test_time_limit_holds_in_a_worker_thread(fast_timeout_reward):
     timeouts_before = fast_timeout_reward.stats["timeouts"]
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        scores = pool.submit(fast_timeout_reward, ["q"], [TOWER], answer=["3"]).result()
+        scores = pool.submit(fast_timeout_reward, ["q"], [SLOW], answer=["3"]).result()
     assert time.monotonic() - start < TIMEOUT + SLACK
     assert scores == [None]
     assert fast_timeout_reward.stats["timeouts"] == timeouts_before + 1
@@ -213,3 +216,70 @@ def test_a_nan_or_infinite_reference_scores_none_not_one(math_reward):
     completions = [r"\boxed{nan}", r"\boxed{\infty}", r"\boxed{-\infty}", r"\boxed{\infty}"]
     answers = [float("nan"), float("inf"), "-inf", r"\infty"]
     assert math_reward(["q"] * 4, completions, answer=answers) == [None, None, None, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial answers: refused unread, or verified in parallel within a bound for the whole batch (issue 19.6)
+
+TOWERS = [r"\boxed{%d^{%d^{%d^%d}}}" % (a, a, a, a) for a in range(2, 8)]  # the six of the issue: 48 s before
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        (r"5^{5^{5^5}}", "an exponent tower taller than 2"),
+        ("5^5^5^5", "an exponent tower taller than 2"),
+        (r"9^{9^9}", "a power of more than 100000 digits"),
+        (r"10^{10^{10}}", "a power of more than 100000 digits"),
+        ("7" * 1001, "more than 1000 digits"),
+        ("x+" * 1001, "longer than 2000 characters"),
+        ("(" * 13 + "1" + ")" * 13, "nested deeper than 12 brackets"),
+        (r"e^{x^2}", None),
+        (r"2^{2^n}", None),
+        (r"2^{100}", None),
+        ("x^2 + y^2 + z^2", None),
+        (r"\frac{\sqrt{2}}{2}", None),
+        (r"(-\infty, 3] \cup \{5\}", None),
+        ("7" * 1000, None),
+    ],
+)
+def test_costly_answer_refuses_only_the_absurd(answer, why):
+    assert costly_answer(answer) == why
+
+
+def test_absurd_answers_are_refused_before_math_verify(math_reward):
+    """Six power towers took 48 s in one batch (8 s each, one after another): now 0.0 at once, unread."""
+    refused_before = math_reward.stats["refused"]
+    hundred_k_digits = r"\boxed{" + "7" * 100_000 + "}"
+    start = time.monotonic()
+    scores = math_reward(["q"] * 8, [*TOWERS, hundred_k_digits, r"\boxed{3}"], answer=["3"] * 7 + ["7" * 100_000])
+    assert time.monotonic() - start < 1.0
+    assert scores == [0.0] * 6 + [0.0, None]  # the 100k-digit reference is refused too (see check_rows)
+    assert math_reward.stats["refused"] == refused_before + 7
+
+
+def test_a_batch_of_slow_answers_ends_within_timeout_times_batches_per_worker():
+    """n slow answers on w workers: at most TIMEOUT * ceil(n / w) (plus killing/starting slack), where one
+    worker took (TIMEOUT + restart) * n. Right answers ahead of the slow ones are still judged."""
+    reward = get_reward("math", timeout=TIMEOUT, workers=2)
+    assert reward(["q"] * 2, [r"\boxed{1}", "2"], answer=["1", "1"]) == [1.0, 0.0]  # both workers started
+    slow = [r"\boxed{(%d+1)^{(%d+1)^{9}}}" % (a, a) for a in range(4, 10)]
+    completions = [r"\boxed{3}", r"\boxed{4}", *slow]
+    start = time.monotonic()
+    scores = reward(["q"] * 8, completions, answer=["3"] * 8)
+    elapsed = time.monotonic() - start
+    assert elapsed < TIMEOUT * math.ceil(8 / 2) + 1.0, elapsed
+    assert scores == [1.0, 0.0] + [None] * 6
+    assert reward.stats["timeouts"] == 6
+    reward.close()
+
+
+def test_the_pool_is_sized_to_the_cores_and_reused_across_calls():
+    reward = make_math_reward()
+    assert reward.pool.size == len(os.sched_getaffinity(0))
+    reward(["q"] * 4, [r"\boxed{%d}" % i for i in range(4)], answer=["1"] * 4)
+    pids = reward.pool.pids()
+    assert reward(["q"] * 4, [r"\boxed{%d}" % i for i in range(4)], answer=["2"] * 4) == [0.0, 0.0, 1.0, 0.0]
+    assert reward.pool.pids() == pids and len(pids) == min(4, reward.pool.size)
+    reward.close()
+    assert reward.pool.pids() == []

@@ -13,6 +13,7 @@ deadline: when one runs past `timeout`, the worker is killed, that item scores N
 
 from __future__ import annotations
 
+import collections
 import math
 import multiprocessing
 import numbers
@@ -21,7 +22,9 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import weakref
+from multiprocessing.connection import wait
 from typing import Any, Sequence
 
 from tether.data.loading import DataError
@@ -35,7 +38,17 @@ EXTRACT_MODES = ("auto", "boxed", "answer_tag", "last_number")
 TIMEOUT, BAD_REFERENCE = "timeout", "bad_reference"  # worker outcomes besides True/False
 
 MAX_ANSWER_CHARS = 2000
-"""An answer (tag content or reference) is cut to its last 2000 characters before it is read."""
+"""An answer (tag content or reference) is cut to its last 2000 characters before it is read; a longer
+extracted answer is refused (see `costly_answer`)."""
+MAX_ANSWER_DIGITS = 1000
+"""More digits than this in an answer: refused before math-verify (a 100k-digit number costs seconds)."""
+MAX_ANSWER_NESTING = 12
+"""Deeper nesting of {}, () and [] than this: refused (parsing recurses once per level)."""
+MAX_POWER_TOWER = 2
+"""Taller exponent towers than this (`a^{b^{c}}` is 3): refused. `5^{5^{5^5}}` has ~10^2184 digits and
+math-verify would try to compute it; `e^{x^2}` and `2^{2^n}` are 2 and pass."""
+MAX_POWER_DIGITS = 100_000
+"""A power of number literals (`9^{9^9}`, `10^{10^{10}}`, `7^{7^7}`) with more digits than this: refused."""
 ORPHAN_CPU_MARGIN = 10
 """CPU seconds past `timeout` after which a worker orphaned mid-item is ended by the kernel."""
 WORKER_START_TIMEOUT = 120.0
@@ -46,6 +59,7 @@ _BOXED_BARE = re.compile(r"\\boxed\s+([^\s${}]+)")  # `\boxed 5`, valid LaTeX fo
 # A number: optional sign (ASCII or U+2212), thousands groups or plain digits, decimals, optional /denominator.
 _NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|[-\u2212]?\.\d+")
 _BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)  # escapes (\{, \\, \frac) are skipped whole
+_POWER = re.compile(r"(\d+)\s*\^\s*\{?\s*(\d+)(?:\s*\^\s*\{?\s*(\d+))?")  # 9^9, 9^{9}, 9^{9^9}, 9^{9^{9}}
 _NON_FINITE = re.compile(r"[-+]?(?:nan|inf|infinity)", re.IGNORECASE)  # how Python and JSON spell them
 _MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 
@@ -131,6 +145,52 @@ def extract_answer(text: str, mode: str = "auto", tag: str = "answer") -> str | 
     return _last_number(text)
 
 
+def costly_answer(answer: str) -> str | None:
+    """Why `answer` is refused before math-verify sees it (cheap checks, linear in its length), else None."""
+    if len(answer) > MAX_ANSWER_CHARS:
+        return f"longer than {MAX_ANSWER_CHARS} characters"
+    if sum(c.isdigit() for c in answer) > MAX_ANSWER_DIGITS:
+        return f"more than {MAX_ANSWER_DIGITS} digits"
+    for base, exponent, top in _POWER.findall(answer):
+        log10_digits = _log10_power_digits(int(base), int(exponent), int(top or 1)) if int(base) > 1 else 0
+        if log10_digits > math.log10(MAX_POWER_DIGITS):
+            return f"a power of more than {MAX_POWER_DIGITS} digits"
+    stack: list[tuple[bool, int]] = []  # per open bracket: (opens an exponent, carets in the term before it)
+    carets = exponents = 0  # carets in the current term; open exponent groups around it
+    previous, escaped = "", False
+    for char in answer:
+        if escaped:  # \{ and \} are literal braces; \frac etc. are letters
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "{([":
+            stack.append((char == "{" and previous == "^", carets))
+            exponents += stack[-1][0]
+            carets = 0
+            if len(stack) > MAX_ANSWER_NESTING:
+                return f"nested deeper than {MAX_ANSWER_NESTING} brackets"
+        elif char in "})]" and stack:
+            opened_exponent, carets = stack.pop()
+            exponents -= opened_exponent
+        elif char == "^":
+            carets += 1
+            if carets + exponents > MAX_POWER_TOWER:
+                return f"an exponent tower taller than {MAX_POWER_TOWER}"
+        elif char in "+-=,;<>" or char.isspace():
+            carets = 0
+        if not char.isspace():
+            previous = char
+    return None
+
+
+def _log10_power_digits(base: int, exponent: int, top: int) -> float:
+    """log10 of the number of digits of base^(exponent^top), from logarithms only (never computed)."""
+    if exponent <= 1:
+        return math.log10(math.log10(base))
+    log10_exponent = top * math.log10(exponent) if top < 10**6 else math.inf
+    return log10_exponent + math.log10(math.log10(base))
+
+
 def _reference(answer: Any) -> str | None:
     """The gold answer as math text: a GSM8K `#### 42` tail, a \\boxed{} or $...$ are unwrapped.
     None when there is none, or when it is NaN or infinite (`reference_problem` says which)."""
@@ -160,6 +220,9 @@ def reference_problem(answer: Any) -> str | None:
         return f"empty ({str(answer)[:40]!r}); every row needs its reference answer"
     if _NON_FINITE.fullmatch(gold):
         return f"{gold!r} is not a finite number; a NaN or infinite reference would reward a NaN or \\infty answer"
+    costly = costly_answer(gold)
+    if costly:
+        return f"{costly}: answers like it are refused unread, so no completion could ever match it"
     return None
 
 
@@ -225,80 +288,126 @@ def _kill(process: subprocess.Popen) -> None:
     process.wait()
 
 
-class _VerifyWorker:
-    """A persistent math-verify process with a per-item deadline; see the module docstring."""
+class _Worker:
+    """One math-verify process running `_WORKER_PROGRAM`, started without waiting for it to be ready."""
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.cpu_budget = math.ceil(timeout) + ORPHAN_CPU_MARGIN  # only an orphan ever reaches it
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-        self._connection = None
-        self._finalizer = None
-
-    def _start(self) -> None:
+    def __init__(self, cpu_budget: int):
         if os.name != "posix":
-            raise RuntimeError("the math reward's worker process needs a POSIX system (Linux, macOS)")
+            raise RuntimeError("the math reward's worker processes need a POSIX system (Linux, macOS)")
         parent_end, child_end = multiprocessing.Pipe()  # a socket pair on POSIX
         # -P: no current directory on sys.path (a user's `math.py` there would shadow the stdlib's)
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-        process = subprocess.Popen(
-            [sys.executable, *safe_path, "-c", _WORKER_PROGRAM, str(child_end.fileno()), str(self.cpu_budget)],
+        self.process = subprocess.Popen(
+            [sys.executable, *safe_path, "-c", _WORKER_PROGRAM, str(child_end.fileno()), str(cpu_budget)],
             pass_fds=[child_end.fileno()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
         child_end.close()
-        try:
-            started = parent_end.poll(WORKER_START_TIMEOUT) and parent_end.recv() == "ready"
-        except (EOFError, OSError):
-            started = False
-        if not started:
-            _kill(process)
-            parent_end.close()
-            raise RuntimeError(
-                f"the math-verify worker did not start within {WORKER_START_TIMEOUT:.0f} s "
-                f"(exit code {process.returncode}); check that `python -c 'import math_verify'` works"
-            )
-        self._process, self._connection = process, parent_end
-        self._finalizer = weakref.finalize(self, _kill, process)
+        self.connection = parent_end
+        self.ready = False  # says "ready" once math-verify is imported
+        self.item: int | None = None  # the index it is verifying
+        self.item_deadline = math.inf
+        self._finalizer = weakref.finalize(self, _kill, self.process)
 
-    def _stop(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()  # kills the process
-        if self._connection is not None:
-            self._connection.close()
-        self._process = self._connection = self._finalizer = None
+    def stop(self) -> None:
+        self._finalizer()  # kills the process
+        self.connection.close()
+
+
+class _VerifyPool:
+    """Persistent math-verify processes (`size` of them, started as batches need them, reused across
+    calls) verifying one item each at a time. An item past `timeout` has its process killed (the item
+    is TIMEOUT) and replaced; the whole batch ends within `timeout * ceil(items / processes)` of the
+    moment its processes are ready: what is unfinished then is TIMEOUT. Safe to call from any thread."""
+
+    def __init__(self, timeout: float, size: int):
+        self.timeout, self.size = timeout, size
+        self.cpu_budget = math.ceil(timeout) + ORPHAN_CPU_MARGIN  # only an orphan ever reaches it
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Stop the worker process (a later call starts a new one)."""
+        """Stop every process (a later call starts new ones)."""
         with self._lock:
-            self._stop()
+            for worker in self._workers:
+                worker.stop()
+            self._workers = []
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [worker.process.pid for worker in self._workers]
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.stop()
+        self._workers[self._workers.index(worker)] = _Worker(self.cpu_budget)
+
+    def _receive(self, worker: _Worker, results: list) -> None:
+        try:
+            message = worker.connection.recv()
+        except (EOFError, OSError):  # died: at start-up, or on its item (e.g. out of memory: a TIMEOUT)
+            self._replace(worker)
+            return
+        if not worker.ready:
+            worker.ready = message == "ready"
+        else:
+            results[worker.item] = message
+            worker.item, worker.item_deadline = None, math.inf
+
+    def _start(self, wanted: int) -> None:
+        """At least `wanted` processes, and every one not yet ready waited for (raises if none starts)."""
+        while len(self._workers) < wanted:
+            self._workers.append(_Worker(self.cpu_budget))
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while (starting := [w for w in self._workers if not w.ready]) and time.monotonic() < deadline:
+            for connection in wait([w.connection for w in starting], deadline - time.monotonic()):
+                worker = next(w for w in starting if w.connection is connection)
+                try:
+                    worker.ready = worker.connection.recv() == "ready"
+                except (EOFError, OSError):
+                    worker.stop()
+                    self._workers.remove(worker)
+        for worker in [w for w in self._workers if not w.ready]:
+            worker.stop()
+            self._workers.remove(worker)
+        if not self._workers:
+            raise RuntimeError(
+                f"the math-verify worker did not start within {WORKER_START_TIMEOUT:.0f} s; "
+                f"check that `python -c 'import math_verify'` works"
+            )
 
     def verify(self, pairs: Sequence[tuple[str, str]]) -> list[bool | str]:
-        """Results aligned with `pairs`: True/False, BAD_REFERENCE, or TIMEOUT past the deadline."""
+        """Results aligned with `pairs`: True/False, BAD_REFERENCE, or TIMEOUT (item or batch deadline)."""
         results: list[bool | str] = [TIMEOUT] * len(pairs)
-        pending = list(range(len(pairs)))
+        if not pairs:
+            return results
         with self._lock:
-            while pending:
-                if self._process is None or self._process.poll() is not None:
-                    self._stop()
-                    self._start()
-                self._connection.send([pairs[i] for i in pending])
-                for position, index in enumerate(pending):
-                    # Deadline per item, counted from the previous result (or from the send).
-                    try:
-                        ready = self._connection.poll(self.timeout)
-                        if ready:
-                            results[index] = self._connection.recv()
-                    except (EOFError, OSError):  # the worker died on this item (e.g. out of memory)
-                        ready = False
-                    if not ready:  # kill it; retry the items after this one in a fresh worker
-                        self._stop()
-                        pending = pending[position + 1 :]
+            self._start(min(self.size, len(pairs)))
+            batch_deadline = time.monotonic() + self.timeout * math.ceil(len(pairs) / len(self._workers))
+            queue = collections.deque(range(len(pairs)))
+            while True:
+                now = time.monotonic()
+                for worker in [w for w in self._workers if w.ready and w.item is None]:
+                    if not queue or now >= batch_deadline:
                         break
-                else:
-                    pending = []
+                    worker.item, worker.item_deadline = queue.popleft(), min(now + self.timeout, batch_deadline)
+                    try:
+                        worker.connection.send([pairs[worker.item]])
+                    except OSError:  # died while idle: the item goes back to the front
+                        queue.appendleft(worker.item)
+                        self._replace(worker)
+                busy = [w for w in self._workers if w.item is not None]
+                if now >= batch_deadline or not (busy or queue):
+                    break
+                waiting = [w for w in self._workers if w.item is not None or not w.ready]
+                until = min([w.item_deadline for w in busy] + [batch_deadline])
+                for connection in wait([w.connection for w in waiting], max(0.0, until - now)):
+                    self._receive(next(w for w in waiting if w.connection is connection), results)
+                now = time.monotonic()
+                for worker in [w for w in self._workers if w.item is not None and now >= w.item_deadline]:
+                    self._replace(worker)  # its item stays TIMEOUT; the others go on meanwhile
+            for worker in [w for w in self._workers if w.item is not None]:
+                self._replace(worker)  # past the batch deadline
         return results
 
 
@@ -311,6 +420,7 @@ def make_math_reward(
     timeout: float = 5.0,
     answer_tag: str = "answer",
     answer_column: str = "answer",
+    workers: int | None = None,
 ):
     """Build the `math` reward.
 
@@ -320,16 +430,23 @@ def make_math_reward(
         timeout: seconds one comparison may take; past it the row scores None (a timeout).
         answer_tag: the tag read by `answer_tag` / `auto`.
         answer_column: the dataset column holding the reference answer.
+        workers: math-verify processes verifying at once (default: the cores this process may use).
 
-    Scores: 1.0 equal, 0.0 different or no answer found in the completion, None when the
-    comparison timed out or the reference answer is missing/unparseable (counted in `stats`).
+    Scores: 1.0 equal, 0.0 different, no answer found in the completion, or an answer refused
+    unread as absurd (`costly_answer`), None when the comparison timed out (its own `timeout`, or
+    the batch's `timeout * ceil(answers / workers)`) or the reference answer is missing/unparseable
+    (counted in `stats`).
     """
     if extract not in EXTRACT_MODES:
         raise ValueError(f"math reward: extract must be one of {EXTRACT_MODES}, got {extract!r}")
     if not timeout or timeout <= 0:
         raise ValueError(f"math reward: timeout must be a positive number of seconds, got {timeout!r}")
-    worker = _VerifyWorker(float(timeout))
-    stats = {"timeouts": 0, "no_answer": 0, "bad_reference": 0}
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"math reward: workers must be a positive integer, got {workers!r}")
+    pool = _VerifyPool(float(timeout), workers)
+    stats = {"timeouts": 0, "no_answer": 0, "bad_reference": 0, "refused": 0}
 
     def math_reward(prompts: Sequence, completions: Sequence, **columns) -> list[float | None]:
         if answer_column not in columns:
@@ -349,10 +466,13 @@ def make_math_reward(
             elif prediction is None:
                 stats["no_answer"] += 1
                 scores[index] = 0.0
+            elif costly_answer(prediction):
+                stats["refused"] += 1
+                scores[index] = 0.0
             else:
                 jobs.setdefault((gold, prediction), []).append(index)
         if jobs:
-            for rows, result in zip(jobs.values(), worker.verify(list(jobs))):
+            for rows, result in zip(jobs.values(), pool.verify(list(jobs))):
                 if result in (TIMEOUT, BAD_REFERENCE):
                     stats["timeouts" if result == TIMEOUT else "bad_reference"] += len(rows)
                     continue
@@ -373,5 +493,6 @@ def make_math_reward(
     math_reward.__name__ = "math"
     math_reward.check_rows = check_rows
     math_reward.stats = stats
-    math_reward.close = worker.close
+    math_reward.close = pool.close
+    math_reward.pool = pool
     return math_reward
