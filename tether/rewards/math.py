@@ -4,11 +4,16 @@ The final answer is extracted here (`extract_answer`: the last complete `\\boxed
 `<answer>...</answer>`, or the last number), so intermediate numbers never count. Equivalence is
 decided by math-verify (`parse` + `verify`: 1/2 == 0.5 == \\frac{1}{2}, 1,000 == 1000, x=2 == 2).
 
-math-verify can run for ever on inputs such as `5^{5^{5^5}}`, and its own timeouts use signals
-(main thread only; useless inside C big-integer arithmetic). So parse/verify run in a persistent
-worker PROCESS, one batch per round-trip, streaming one result back per item. Each item has its own
-deadline: when one runs past `timeout`, the worker is killed, that item scores None (counted in
-`stats["timeouts"]`) and the items after it are retried in a fresh worker. Safe to call from any thread.
+math-verify can run for ever on inputs such as `(8+1)^{(8+1)^9}`, and its own timeouts use signals
+(main thread only; useless inside C big-integer arithmetic). So:
+
+- cheap pre-checks (`costly_answer`: length, digit count, bracket nesting, exponent towers, powers of
+  number literals past 100,000 digits) refuse absurd answers unread: they score 0.0 (`stats["refused"]`);
+- the rest are verified by a pool of persistent worker PROCESSES (`workers`, default one per core the
+  trainer may use, reused across calls), one item per worker at a time. An item running past `timeout`
+  has its worker killed and replaced and scores None (`stats["timeouts"]`); the whole batch ends within
+  `timeout * ceil(items / workers)` of the moment its workers are ready, and whatever is unfinished then
+  scores None too. Safe to call from any thread.
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ One run is one fresh tree, and the trainer talks to it only through pipes:
                                                 │  read-only system folders, all others hidden,
                                                 │  private tmpfs /tmp and workdir, fresh /proc
                                                 └─fork─► program   rlimits, setuid(sandbox uid),
-                                                                   no_new_privs, exec python
+                                                                   no_new_privs, seccomp, exec python
 
+- The fresh root has its own /dev (five device nodes and a private devpts; every other mount is nodev),
+  and the program runs under a seccomp deny-list (`SECCOMP_DENIED`: keyrings, bpf, perf, userfaultfd,
+  io_uring, ptrace, mounts, namespaces, kexec, modules), installed by `_install_seccomp` before exec.
 - stdin, stdout and stderr are pipes to the trainer; stdout/stderr are capped (`max_output_bytes`).
 - init reports the program's wait status and CPU time on a status pipe the program never holds.
 - The wall-clock limit kills the tree's process group; killing init kills everything in its pid
