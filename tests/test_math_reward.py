@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -281,5 +283,39 @@ def test_the_pool_is_sized_to_the_cores_and_reused_across_calls():
     pids = reward.pool.pids()
     assert reward(["q"] * 4, [r"\boxed{%d}" % i for i in range(4)], answer=["2"] * 4) == [0.0, 0.0, 1.0, 0.0]
     assert reward.pool.pids() == pids and len(pids) == min(4, reward.pool.size)
+    template = reward.pool._template.process.pid
     reward.close()
     assert reward.pool.pids() == []
+    assert [pid for pid in [template, *pids] if os.path.exists(f"/proc/{pid}")] == []  # not even a zombie
+
+
+ORPHAN_PROGRAM = r"""
+import os, signal, sys, threading, time
+from tether.rewards.math import make_math_reward
+reward = make_math_reward(timeout=60.0, workers=2)
+assert reward(["q"] * 2, [r"\boxed{1}", "2"], answer=["1", "1"]) == [1.0, 0.0]
+pids = [reward.pool._template.process.pid, *reward.pool.pids()]
+threading.Thread(target=reward, args=(["q"], [sys.argv[1]]), kwargs={"answer": ["3"]}, daemon=True).start()
+time.sleep(1.0)  # a worker is now deep in (8+1)^{(8+1)^9}
+print(*pids, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the trainer dies without cleaning up
+"""
+
+
+def test_a_killed_trainer_leaves_no_math_process_behind():
+    """The template sees its socket close, SIGKILLs its workers (also one stuck in C arithmetic), exits."""
+    child = subprocess.run([sys.executable, "-c", ORPHAN_PROGRAM, SLOW], capture_output=True, text=True, timeout=120)
+    pids = [int(pid) for pid in child.stdout.split()]
+    assert len(pids) == 3, child.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended (its parent reaps it)
+    except OSError:
+        return False

@@ -10,7 +10,8 @@ math-verify can run for ever on inputs such as `(8+1)^{(8+1)^9}`, and its own ti
 - cheap pre-checks (`costly_answer`: length, digit count, bracket nesting, exponent towers, powers of
   number literals past 100,000 digits) refuse absurd answers unread: they score 0.0 (`stats["refused"]`);
 - the rest are verified by a pool of persistent worker PROCESSES (`workers`, default one per core the
-  trainer may use, reused across calls), one item per worker at a time. An item running past `timeout`
+  trainer may use, reused across calls), one item per worker at a time. The workers are forked by a
+  template process that imported math-verify once (so a replacement costs a fork, not an import). An item running past `timeout`
   has its worker killed and replaced and scores None (`stats["timeouts"]`); the whole batch ends within
   `timeout * ceil(items / workers)` of the moment its workers are ready, and whatever is unfinished then
   scores None too. Safe to call from any thread.
@@ -29,7 +30,8 @@ import sys
 import threading
 import time
 import weakref
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recv_handle
 from typing import Any, Sequence
 
 from tether.data.loading import DataError
@@ -241,11 +243,12 @@ def reference_problem(answer: Any) -> str | None:
 # soon as it is known: True/False, or "bad_reference" when the gold answer does not parse.
 # math-verify's own signal timeouts are off (None): the parent enforces the deadline by killing us.
 _WORKER_PROGRAM = """
-import logging, resource, signal, sys
+import logging, os, resource, signal, socket, sys
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import send_handle
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-connection = Connection(int(sys.argv[1]))
+template = Connection(int(sys.argv[1]))
 cpu_budget = int(sys.argv[2])
 
 def allow_cpu_seconds(seconds):
@@ -267,23 +270,59 @@ def parse_boxed(text):
         parsed[text] = parse("\\\\boxed{" + text + "}", parsing_timeout=None)
     return parsed[text]
 
-connection.send("ready")
+def serve(connection):
+    connection.send("ready")
+    while True:
+        try:
+            batch = connection.recv()
+        except (EOFError, OSError):  # the parent closed the socket
+            break
+        for gold, prediction in batch:
+            allow_cpu_seconds(cpu_budget)
+            try:
+                gold_parsed = parse_boxed(gold)
+                if not gold_parsed:
+                    result = "bad_reference"
+                else:
+                    result = bool(verify(gold_parsed, parse_boxed(prediction), timeout_seconds=None))
+            except Exception:  # math-verify failing on a prediction: a wrong answer
+                result = False
+            connection.send(result)
+
+verify(parse_boxed("1"), parse_boxed("1/1"), timeout_seconds=None)  # warm: workers fork with it all loaded
+parsed.clear()
+children = set()  # forked and not yet reaped: only these pids may be killed (never a reused one)
+template.send("ready")
 while True:
     try:
-        batch = connection.recv()
-    except (EOFError, OSError):  # the parent closed the socket
+        request, pid = template.recv()
+    except (EOFError, OSError):  # the parent closed the socket (or died): end every worker, then ourselves
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         break
-    for gold, prediction in batch:
-        allow_cpu_seconds(cpu_budget)
-        try:
-            gold_parsed = parse_boxed(gold)
-            if not gold_parsed:
-                result = "bad_reference"
-            else:
-                result = bool(verify(gold_parsed, parse_boxed(prediction), timeout_seconds=None))
-        except Exception:  # math-verify failing on a prediction: a wrong answer
-            result = False
-        connection.send(result)
+    while children:  # reap workers that ended on their own (their parent closed their socket)
+        ended, _ = os.waitpid(-1, os.WNOHANG)
+        if not ended:
+            break
+        children.discard(ended)
+    if request == "kill" and pid in children:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        children.discard(pid)
+    elif request == "fork":
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            template.close()
+            ours.close()
+            serve(Connection(theirs.detach()))
+            os._exit(0)
+        children.add(pid)
+        theirs.close()
+        template.send(pid)
+        send_handle(template, ours.fileno(), None)
+        ours.close()
 """
 
 
@@ -293,13 +332,14 @@ def _kill(process: subprocess.Popen) -> None:
     process.wait()
 
 
-class _Worker:
-    """One math-verify process running `_WORKER_PROGRAM`, started without waiting for it to be ready."""
+class _Template:
+    """The process that imports math-verify once and forks the workers (`_WORKER_PROGRAM`): a worker
+    killed mid-item is replaced in milliseconds, not in the seconds an import takes."""
 
     def __init__(self, cpu_budget: int):
         if os.name != "posix":
             raise RuntimeError("the math reward's worker processes need a POSIX system (Linux, macOS)")
-        parent_end, child_end = multiprocessing.Pipe()  # a socket pair on POSIX
+        parent_end, child_end = multiprocessing.Pipe()  # a socket pair on POSIX (it carries descriptors too)
         # -P: no current directory on sys.path (a user's `math.py` there would shadow the stdlib's)
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []
         self.process = subprocess.Popen(
@@ -310,13 +350,56 @@ class _Worker:
         )
         child_end.close()
         self.connection = parent_end
-        self.ready = False  # says "ready" once math-verify is imported
-        self.item: int | None = None  # the index it is verifying
-        self.item_deadline = math.inf
         self._finalizer = weakref.finalize(self, _kill, self.process)
+        try:
+            started = parent_end.poll(WORKER_START_TIMEOUT) and parent_end.recv() == "ready"
+        except (EOFError, OSError):
+            started = False
+        if not started:
+            self.stop()
+            raise RuntimeError(
+                f"the math-verify worker did not start within {WORKER_START_TIMEOUT:.0f} s "
+                f"(exit code {self.process.returncode}); check that `python -c 'import math_verify'` works"
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def fork(self) -> tuple[int, Connection]:
+        """A new worker: its pid and a connection to it (it says "ready" first)."""
+        self.connection.send(("fork", None))
+        pid = self.connection.recv()
+        return pid, Connection(recv_handle(self.connection))
+
+    def kill(self, pid: int) -> None:
+        try:
+            self.connection.send(("kill", pid))
+        except OSError:  # the template is gone; its workers end on EOF or at their CPU limit
+            pass
 
     def stop(self) -> None:
-        self._finalizer()  # kills the process
+        """Close the connection: the template ends its workers and exits (killed if it takes over 5 s)."""
+        self.connection.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._finalizer()
+
+
+class _Worker:
+    """One worker forked by the template, verifying one item at a time."""
+
+    def __init__(self, template: _Template):
+        self.template = template
+        self.pid, self.connection = template.fork()
+        self.ready = False  # says "ready" first
+        self.item: int | None = None  # the index it is verifying
+        self.item_deadline = math.inf
+
+    def stop(self) -> None:
+        if self.item is not None:  # busy: maybe stuck in C arithmetic; an idle one ends on EOF
+            self.template.kill(self.pid)
         self.connection.close()
 
 
@@ -329,6 +412,7 @@ class _VerifyPool:
     def __init__(self, timeout: float, size: int):
         self.timeout, self.size = timeout, size
         self.cpu_budget = math.ceil(timeout) + ORPHAN_CPU_MARGIN  # only an orphan ever reaches it
+        self._template: _Template | None = None
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
 
@@ -338,19 +422,37 @@ class _VerifyPool:
             for worker in self._workers:
                 worker.stop()
             self._workers = []
+            if self._template is not None:
+                self._template.stop()
+                self._template = None
 
     def pids(self) -> list[int]:
         with self._lock:
-            return [worker.process.pid for worker in self._workers]
+            return [worker.pid for worker in self._workers]
+
+    def _new_worker(self) -> _Worker:
+        if self._template is None or not self._template.alive():
+            if self._template is not None:
+                self._template.stop()
+            self._template = None
+            self._template = _Template(self.cpu_budget)
+        try:
+            return _Worker(self._template)
+        except (EOFError, OSError):  # the template died just now: once more with a fresh one
+            self._template.stop()
+            self._template = _Template(self.cpu_budget)
+            return _Worker(self._template)
 
     def _replace(self, worker: _Worker) -> None:
         worker.stop()
-        self._workers[self._workers.index(worker)] = _Worker(self.cpu_budget)
+        worker.item = None
+        self._workers[self._workers.index(worker)] = self._new_worker()
 
     def _receive(self, worker: _Worker, results: list) -> None:
         try:
             message = worker.connection.recv()
         except (EOFError, OSError):  # died: at start-up, or on its item (e.g. out of memory: a TIMEOUT)
+            worker.item = None  # nothing left to kill
             self._replace(worker)
             return
         if not worker.ready:
@@ -362,7 +464,7 @@ class _VerifyPool:
     def _start(self, wanted: int) -> None:
         """At least `wanted` processes, and every one not yet ready waited for (raises if none starts)."""
         while len(self._workers) < wanted:
-            self._workers.append(_Worker(self.cpu_budget))
+            self._workers.append(self._new_worker())
         deadline = time.monotonic() + WORKER_START_TIMEOUT
         while (starting := [w for w in self._workers if not w.ready]) and time.monotonic() < deadline:
             for connection in wait([w.connection for w in starting], deadline - time.monotonic()):
