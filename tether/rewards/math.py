@@ -11,10 +11,10 @@ math-verify can run for ever on inputs such as `(8+1)^{(8+1)^9}`, and its own ti
   number literals past 100,000 digits) refuse absurd answers unread: they score 0.0 (`stats["refused"]`);
 - the rest are verified by a pool of persistent worker PROCESSES (`workers`, default one per core the
   trainer may use, reused across calls), one item per worker at a time. The workers are forked by a
-  template process that imported math-verify once (so a replacement costs a fork, not an import). An item running past `timeout`
-  has its worker killed and replaced and scores None (`stats["timeouts"]`); the whole batch ends within
-  `timeout * ceil(items / workers)` of the moment its workers are ready, and whatever is unfinished then
-  scores None too. Safe to call from any thread.
+  template process that imported math-verify once, so a replacement costs a fork, not an import. An
+  item running past `timeout` has its worker killed and replaced and scores None (`stats["timeouts"]`);
+  the whole batch ends within `timeout * ceil(items / workers)` of the moment its workers are ready,
+  and whatever is unfinished then scores None too. Safe to call from any thread.
 """
 
 from __future__ import annotations
@@ -236,12 +236,16 @@ def reference_problem(answer: Any) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # The worker process
 
-# The program the worker runs (`python -c`). A fresh interpreter rather than a fork: forking a
-# process that runs torch threads can deadlock, and multiprocessing's spawn/forkserver re-import
-# the caller's __main__, which breaks every script without an `if __name__ == "__main__"` guard.
-# Protocol on one socket: receive a list of (gold, prediction) strings, send one result per item as
-# soon as it is known: True/False, or "bad_reference" when the gold answer does not parse.
-# math-verify's own signal timeouts are off (None): the parent enforces the deadline by killing us.
+# The program the template runs (`python -c`). A fresh interpreter rather than a fork of the trainer:
+# forking a process that runs torch threads can deadlock, and multiprocessing's spawn/forkserver
+# re-import the caller's __main__, which breaks every script without an `if __name__ == "__main__"`
+# guard. The template imports math-verify, then on its socket takes ("fork", None) -> forks a worker,
+# sends its pid and (SCM_RIGHTS) the trainer's end of a new socket to it; ("kill", pid) -> SIGKILLs
+# and reaps one of its own unreaped workers (so never a reused pid); EOF -> kills all, exits.
+# A worker, on its socket: says "ready", then receives lists of (gold, prediction) strings and sends
+# one result per item as soon as it is known: True/False, or "bad_reference" when the gold answer
+# does not parse. math-verify's own signal timeouts are off (None): the trainer enforces the
+# deadline by having the template kill the worker.
 _WORKER_PROGRAM = """
 import logging, os, resource, signal, socket, sys
 from multiprocessing.connection import Connection
