@@ -336,6 +336,16 @@ def _kill(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def _end_template(process: subprocess.Popen, connection: Connection) -> None:
+    """Close its socket (it then kills its workers and exits); kill it if it has not within 5 s."""
+    connection.close()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill(process)
+
+
 class _Template:
     """The process that imports math-verify once and forks the workers (`_WORKER_PROGRAM`): a worker
     killed mid-item is replaced in milliseconds, not in the seconds an import takes."""
@@ -354,7 +364,7 @@ class _Template:
         )
         child_end.close()
         self.connection = parent_end
-        self._finalizer = weakref.finalize(self, _kill, self.process)
+        self._finalizer = weakref.finalize(self, _end_template, self.process, parent_end)  # also at exit
         try:
             started = parent_end.poll(WORKER_START_TIMEOUT) and parent_end.recv() == "ready"
         except (EOFError, OSError):
@@ -382,12 +392,6 @@ class _Template:
             pass
 
     def stop(self) -> None:
-        """Close the connection: the template ends its workers and exits (killed if it takes over 5 s)."""
-        self.connection.close()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         self._finalizer()
 
 
