@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tether.rewards import RewardSet, RewardSetupError, get_reward
-from tether.rewards.math import BadReferenceError, costly_answer, extract_answer, make_math_reward
+from tether.data.loading import DataError
+from tether.rewards.math import costly_answer, extract_answer, make_math_reward
 
 # (completion, reference answer, expected score)
 CASES = [
@@ -199,7 +200,7 @@ def test_none_from_math_makes_the_weighted_total_none(math_reward):
 )
 def test_check_rows_refuses_a_bad_reference_naming_file_row_and_field(math_reward, columns, words):
     good = {"answer": "3"}
-    with pytest.raises(BadReferenceError) as error:
+    with pytest.raises(DataError) as error:
         math_reward.check_rows("train.jsonl", [(0, good), (5, columns), (6, good)])
     assert str(error.value).startswith("train.jsonl, row 5, field 'answer': ") and words in str(error.value)
 
@@ -208,7 +209,7 @@ def test_check_rows_through_the_reward_set_and_a_renamed_column():
     rewards = RewardSet([{"name": "math", "answer_column": "solution"}])
     accepted = [(0, {"solution": r"(-\infty, 3]"}), (1, {"solution": r"\infty"}), (2, {"solution": 7})]
     rewards.check_rows("d.jsonl", accepted)  # LaTeX infinity written on purpose is a real answer
-    with pytest.raises(BadReferenceError, match=r"d.jsonl, row 1, field 'solution': missing; "):
+    with pytest.raises(DataError, match=r"d.jsonl, row 1, field 'solution': missing; "):
         rewards.check_rows("d.jsonl", [(0, {"solution": "1"}), (1, {"answer": "1"})])
     rewards.close()
 

@@ -37,10 +37,6 @@ from typing import Any, Sequence
 from tether.data.loading import DataError
 from tether.rewards.base import RewardSetupError, as_text
 
-class BadReferenceError(DataError):
-    """A row's reference answer is missing, empty, NaN or infinite; names the file, row and field."""
-
-
 EXTRACT_MODES = ("auto", "boxed", "answer_tag", "last_number")
 TIMEOUT, BAD_REFERENCE = "timeout", "bad_reference"  # worker outcomes besides True/False
 
@@ -597,13 +593,14 @@ def make_math_reward(
 
     def check_rows(source: str, rows: Sequence[tuple[int, dict]]) -> None:
         """Validate every (row index, columns) of a prompt file when it is loaded, before any sampling: a
-        missing, empty, NaN or infinite reference answer raises BadReferenceError naming file, row and field."""
+        missing, empty, NaN or infinite reference answer raises DataError naming file, row and field (the
+        command line prints it as one line and exits 2)."""
         for row, columns in rows:
             problem = reference_problem(columns.get(answer_column))
             if answer_column not in columns:
                 problem = "missing; the math reward reads the reference answer from it (or set answer_column)"
             if problem:
-                raise BadReferenceError(source, problem, row=row, field=answer_column)
+                raise DataError(source, problem, row=row, field=answer_column)
 
     math_reward.__name__ = "math"
     math_reward.check_rows = check_rows
