@@ -8,6 +8,7 @@ Time limits are kept short (0.5 s) so the whole file stays well under a minute o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -235,6 +236,116 @@ def test_project_files_and_home_folders_are_invisible(sandbox):
                                       "proc", "tmp", interpreter_top}
 
 
+_DEV_PROGRAM = """\
+import json, os, stat
+nodes = []
+for top, dirs, files in os.walk("/dev"):
+    for name in dirs + files:
+        mode = os.lstat(os.path.join(top, name)).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            nodes.append(os.path.join(top, name))
+ptys = []
+try:
+    while len(ptys) < 100:
+        ptys.append(os.openpty())
+except OSError:
+    pass
+mounts = {line.split()[4]: line.split()[5].split(",") for line in open("/proc/self/mountinfo")}
+open("/dev/null", "w").write("x")
+print(json.dumps({"nodes": sorted(nodes), "ptys": len(ptys), "first": os.ttyname(ptys[0][1]) if ptys else None,
+                  "mounts": mounts, "random": len(os.urandom(8)) + len(open("/dev/urandom", "rb").read(8))}))
+"""
+
+
+def test_dev_is_fresh_with_a_private_pty_pool_and_everything_else_nodev(sandbox):
+    """Issue 19.2: the host's /dev was bound whole (read-only, not nodev): /dev/ptmx handed out the
+    host's ptys (~2,000 per run), /dev/nvidia* and /dev/dri/* would have been reachable."""
+    result = sandbox.run({"dev.py": _DEV_PROGRAM}, ["dev.py"], limits=Limits(timeout=10))
+    assert result.status == "ok", result.stderr
+    seen = json.loads(result.stdout)
+    devices = ["/dev/" + name for name in sandbox_module.DEVICES]
+    assert seen["nodes"] == sorted([*devices, "/dev/pts/ptmx"])  # no host node: no tty, disk, GPU, kmsg
+    assert seen["ptys"] == sandbox_module.MAX_PTYS and seen["first"] == "/dev/pts/0"  # a private devpts
+    assert seen["random"] == 16
+    may_open_devices = {*devices, "/dev/pts"}
+    assert all("nodev" in options for point, options in seen["mounts"].items() if point not in may_open_devices)
+    assert all("ro" in seen["mounts"][point] for point in devices)
+
+
+_KEYRING_PROGRAM = """\
+import ctypes, errno, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+call = lambda name, *args: libc.syscall(ctypes.c_long(NUMBERS[name]), *(ctypes.c_long(a) for a in args))
+KEY_SPEC_USER_KEYRING, KEYCTL_READ = -4, 11
+if sys.argv[1] == "add":
+    key = call("add_key", ctypes.addressof(ctypes.create_string_buffer(b"user")),
+               ctypes.addressof(ctypes.create_string_buffer(b"tether-probe")),
+               ctypes.addressof(ctypes.create_string_buffer(b"secret-1234")), 11, KEY_SPEC_USER_KEYRING)
+    print(json.dumps({"key": key, "errno": errno.errorcode.get(ctypes.get_errno())}))
+else:
+    key = call("request_key", ctypes.addressof(ctypes.create_string_buffer(b"user")),
+               ctypes.addressof(ctypes.create_string_buffer(b"tether-probe")), 0, 0)
+    buffer = ctypes.create_string_buffer(64)
+    size = call("keyctl", KEYCTL_READ, key, ctypes.addressof(buffer), 64, 0) if key > 0 else -1
+    print(json.dumps({"key": key, "read": buffer.raw[:max(size, 0)].decode(errors="replace")}))
+"""
+
+
+def _numbers():
+    machine = os.uname().machine
+    if machine not in sandbox_module.SYSCALL_NUMBERS:
+        pytest.skip(f"no seccomp table for {machine}")
+    return sandbox_module.SYSCALL_NUMBERS[machine][1]
+
+
+def test_keyring_data_does_not_persist_from_one_run_to_the_next(sandbox):
+    """Issue 19.3: add_key(KEY_SPEC_USER_KEYRING) in one run was read back by the next (same uid)."""
+    files = {"keys.py": f"NUMBERS = {_numbers()!r}\n{_KEYRING_PROGRAM}"}
+    added = sandbox.run(files, ["keys.py", "add"], limits=Limits(timeout=10))
+    read = sandbox.run(files, ["keys.py", "read"], limits=Limits(timeout=10))
+    assert added.status == read.status == "ok", added.stderr + read.stderr
+    assert json.loads(added.stdout) == {"key": -1, "errno": "EPERM"}
+    assert json.loads(read.stdout) == {"key": -1, "read": ""}
+
+
+_SYSCALLS_PROGRAM = """\
+import ctypes, errno, json, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def call(number, *args):
+    result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in (*args, 0, 0, 0, 0, 0)[:5]))
+    return errno.errorcode.get(ctypes.get_errno(), "?") if result == -1 else result
+seen = {name: call(number) for name, number in NUMBERS.items() if name in DENIED}
+child = call(NUMBERS["clone"], 0x10000000 | 17)  # CLONE_NEWUSER | SIGCHLD
+if child == 0:
+    os._exit(0)
+seen["clone(CLONE_NEWUSER)"] = child
+seen["clone3"] = call(NUMBERS["clone3"])
+ran = []
+thread = threading.Thread(target=ran.append, args=(1,))
+thread.start()
+thread.join()
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+echoed = subprocess.run(["echo", "hi"], capture_output=True).stdout.decode()
+print(json.dumps({"seen": seen, "works": [ran, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), echoed]}))
+"""
+
+
+def test_the_seccomp_deny_list_refuses_kernel_attack_surface_and_keeps_ordinary_programs_working(sandbox):
+    numbers = _numbers()
+    denied = [name for name in sandbox_module.SECCOMP_DENIED if name in numbers]
+    files = {"calls.py": f"NUMBERS = {numbers!r}\nDENIED = {denied!r}\n{_SYSCALLS_PROGRAM}"}
+    result = sandbox.run(files, ["calls.py"], limits=Limits(timeout=10))
+    assert result.status == "ok", result.stderr
+    report = json.loads(result.stdout)
+    expected = {name: "EPERM" for name in denied} | {"clone(CLONE_NEWUSER)": "EPERM", "clone3": "ENOSYS"}
+    assert report["seen"] == expected
+    assert report["works"] == [[1], 7, "hi\n"]  # threads (clone3 -> clone), fork, exec still work
+    assert {"keyctl", "bpf", "perf_event_open", "userfaultfd", "mount", "ptrace", "kexec_load", "init_module",
+            "finit_module", "unshare"} <= set(denied)
+
+
 def test_os_system_through_subclasses_cannot_touch_the_host(reward):
     marker_file = Path(f"/tmp/xyz_outside_{secrets.token_hex(4)}")
     program = (
@@ -325,6 +436,32 @@ def test_frame_gc_and_proc_tampering_finds_no_marker(reward):
         "def add(a, b):\n    return None\n"
     )
     assert reward(["p"], [program], tests=[ADD_TESTS]) == [0.0]
+
+
+NAN = "def f(x):\n    return float('nan')\n"
+
+
+@pytest.mark.parametrize(
+    "program, tests",
+    [
+        (NAN, ["assert not f(1) > 3", "assert not f(2) < 0"]),  # every comparison with NaN is False
+        (NAN, ["assert f(1) != 2.5"]),
+        ("def f(x):\n    return [1.0, float('nan')]\n", ["assert not f(1) == [1.0, 2.0]"]),
+        ("def f(x):\n    return {'a': complex(0, float('nan'))}\n", ["assert f(1) != {'a': 1j}"]),
+    ],
+    ids=["negated-asserts", "not-equal", "nested-in-list", "complex-in-dict"],
+)
+def test_a_nan_result_fails_the_test(reward, program, tests):
+    """Issue 19.4: a NaN crossing from the solution fails the test (was 1.0 for all four)."""
+    assert reward(["p"], [program], tests=[tests]) == [0.0]
+    assert reward.last_stats["failed"] == len(tests)
+
+
+def test_a_nan_result_passes_where_the_test_expects_nan(reward):
+    tests = ["import math\nassert math.isnan(f(1))", "assert str(f(2)) == str(float('nan'))"]
+    io = [{"input": "", "output": "nan\n"}]  # stdin/stdout: NaN is text, compared as text
+    assert reward(["p", "p"], [NAN, "print(float('nan'))"], tests=[tests, io]) == [1.0, 1.0]
+    assert reward(["p"], ["print(float('nan'))"], tests=[[{"input": "", "output": "3\n"}]]) == [0.0]
 
 
 def test_the_solution_never_sees_the_test_code(sandbox):

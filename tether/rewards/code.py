@@ -10,7 +10,9 @@ A row's `tests` (checked by `validate_tests` when the data is loaded, and again 
   function the program defines is a stand-in that calls the program in ANOTHER process and gets
   back plain data (numbers, strings, lists, tuples, dicts, sets, bytes). The test passes only if
   the harness prints a random marker, made for this run and never visible to the program, after
-  the last assert, and exits 0. (HumanEval rows: `def check(candidate)` plus an `entry_point`
+  the last assert, and exits 0. A NaN coming back from the program fails the test (every comparison
+  with NaN is False, so `assert not f(x) > 3` would hold) unless the test code itself expects one
+  (`expects_nan`: it mentions `nan` / `isnan`). (HumanEval rows: `def check(candidate)` plus an `entry_point`
   column get `check(<entry_point>)` appended.)
 - a time limit per test: `"timeout"` in a case, else the row's `time_limit` column, else the
   reward's `timeout` option (capped at `max_time_limit`).
@@ -54,6 +56,7 @@ after a failure), these are the sandbox's RunResult statuses."""
 SOLUTION_FILE = "solution.py"
 SOURCE = "code reward input"  # how errors name the batch handed to the reward
 _FENCED = re.compile(r"```(?:python3?|py)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+_NAN_IN_TEST = re.compile(r"\bnan\b|isnan", re.IGNORECASE)
 _CASE_KEYS = {"io": {"input", "output", "timeout"}, "assert": {"code", "timeout"}}
 
 
@@ -263,6 +266,20 @@ import builtins, ctypes, fcntl, json, os, signal, sys, traceback
 REPLY_MAX_BYTES = 16 << 20
 
 
+def has_nan(value, depth=0):
+    """A NaN anywhere in a decoded value (floats, complex parts, inside containers and dict keys)."""
+    kind = type(value)
+    if kind is float:
+        return value != value
+    if kind is complex:
+        return value.real != value.real or value.imag != value.imag
+    if kind in (list, tuple, set, frozenset):
+        return any(has_nan(v, depth + 1) for v in value)
+    if kind is dict:
+        return any(has_nan(k, depth + 1) or has_nan(v, depth + 1) for k, v in value.items())
+    return False
+
+
 class SolutionError(Exception):
     """The solution raised an exception that is not a builtin one, or sent nothing usable."""
 
@@ -274,6 +291,7 @@ def main():
     with os.fdopen(3, "rb") as channel:
         job = json.loads(channel.read())
     marker, test_code = job["marker"], job["test"]
+    nan_expected, nan_results = job["nan_expected"], []
 
     to_solution_r, to_solution_w = os.pipe()
     from_solution_r, from_solution_w = os.pipe()
@@ -328,7 +346,10 @@ def main():
                 raise SolutionError("the solution process ended") from None
             reply = receive()
             if "value" in reply:
-                return decode(reply["value"])
+                value = decode(reply["value"])
+                if not nan_expected and has_nan(value):
+                    nan_results.append(self.__name__)  # NaN compares False to everything: `not f(x) > 3` holds
+                return value
             raise_remote(reply.get("error"))
 
         def __repr__(self):
@@ -349,8 +370,12 @@ def main():
         traceback.print_exc()
         status = 1
     else:
-        print(marker)  # reached only after the last assert
-        status = 0
+        if nan_results:
+            print(f"NaNResult: {nan_results[0]}() returned NaN and the test expects no NaN", file=sys.stderr)
+            status = 1
+        else:
+            print(marker)  # reached only after the last assert, and only when no NaN came back
+            status = 0
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(solution, signal.SIGKILL)
@@ -359,6 +384,13 @@ def main():
 
 main()
 '''
+
+
+def expects_nan(test_code: str) -> bool:
+    """Whether assert-style test code itself expects a NaN somewhere (`math.isnan`, `float("nan")`,
+    `math.nan`, `np.nan`): only then may a NaN returned by the solution pass. Elsewhere a NaN result
+    fails the test, because every comparison with NaN is False and `assert not f(x) > 3` would hold."""
+    return _NAN_IN_TEST.search(test_code) is not None
 
 
 def _with_entry_point(test_code: str, entry_point: Any) -> str:
@@ -384,6 +416,7 @@ def run_test(
     job = {
         "marker": marker,
         "test": test.code,
+        "nan_expected": expects_nan(test.code),
         "python_flags": list(PYTHON_FLAGS),
         "solution_host": _SOLUTION_HOST,
         "solution_file": SOLUTION_FILE,
@@ -391,7 +424,7 @@ def run_test(
     result = sandbox.run(files, ["-c", _ASSERT_HARNESS], fd_inputs=(json.dumps(job).encode(),), limits=limits)
     if result.status == "ok" and marker in result.stdout.splitlines():
         return PASSED, result
-    if result.status in ("ok", "crash") and _last_line(result.stderr).startswith("AssertionError"):
+    if result.status in ("ok", "crash") and _last_line(result.stderr).startswith(("AssertionError", "NaNResult")):
         return FAILED, result
     return (FAILED if result.status == "ok" else result.status), result
 

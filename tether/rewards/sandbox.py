@@ -8,8 +8,11 @@ One run is one fresh tree, and the trainer talks to it only through pipes:
                                                 │  read-only system folders, all others hidden,
                                                 │  private tmpfs /tmp and workdir, fresh /proc
                                                 └─fork─► program   rlimits, setuid(sandbox uid),
-                                                                   no_new_privs, exec python
+                                                                   no_new_privs, seccomp, exec python
 
+- The fresh root has its own /dev (five device nodes and a private devpts; every other mount is nodev),
+  and the program runs under a seccomp deny-list (`SECCOMP_DENIED`: keyrings, bpf, perf, userfaultfd,
+  io_uring, ptrace, mounts, namespaces, kexec, modules), installed by `_install_seccomp` before exec.
 - stdin, stdout and stderr are pipes to the trainer; stdout/stderr are capped (`max_output_bytes`).
 - init reports the program's wait status and CPU time on a status pipe the program never holds.
 - The wall-clock limit kills the tree's process group; killing init kills everything in its pid
@@ -46,21 +49,114 @@ MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 # mount_setattr(2): the one call that makes a whole mount tree read-only (Linux >= 5.12)
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new syscalls share one table)
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 # prctl(2)
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 38, 22, 2
+# seccomp(2) classic-BPF filter: instructions, and what the filter returns
+BPF_LD_W_ABS, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+EPERM, ENOSYS = 1, 38
+NAMESPACE_FLAGS = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 
 SETUP_FAILED = 125
 MAX_FD = 1 << 20  # descriptors above the program's own are closed up to here
 """Exit status of boot/init when the sandbox could not be built (never the program's own status)."""
 
-SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/etc", "/dev", "/sys")
-"""What a program sees of the machine, read-only, in a fresh root: nothing else exists there (no
-/home, /root, /var, /run, /mnt, /opt, /work, /data, ...: keys, tokens, datasets with the answers,
-other users' files), except the interpreter's own folders, bound back read-only."""
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/etc", "/sys")
+"""What a program sees of the machine, read-only and nodev, in a fresh root: nothing else exists there
+(no /home, /root, /var, /run, /mnt, /opt, /work, /data, ...: keys, tokens, datasets with the answers,
+other users' files), except the interpreter's own folders, bound back read-only, and a fresh /dev."""
+
+DEVICES = ("null", "zero", "full", "random", "urandom")
+"""The only host device nodes in the sandbox's fresh /dev (each bound alone, read-only mount, writable
+node). Besides them /dev holds a private devpts instance (`/dev/ptmx` -> `pts/ptmx`, at most
+MAX_PTYS ptys, none of the host's), the /dev/shm tmpfs and the /dev/fd, stdin/out/err links: no
+/dev/nvidia*, /dev/dri, /dev/kvm, disks, ttys or the host's pty pool."""
+MAX_PTYS = 8
 
 WRITABLE_DIRS = ("/tmp", "/dev/shm")
 """Empty, size-limited tmpfs, private to the run."""
+
+
+SECCOMP_DENIED = (
+    "add_key", "request_key", "keyctl",  # kernel keyrings: would persist across runs of the same uid
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount",
+    "fspick", "mount_setattr", "unshare", "setns", "open_by_handle_at",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "syslog", "quotactl", "lookup_dcookie", "iopl", "ioperm",
+)
+"""System calls the program gets EPERM for (a deny-list of kernel-attack surface it never needs). Also:
+`clone` with any CLONE_NEW* flag is EPERM, `clone3` is ENOSYS (its flags sit behind a pointer seccomp
+cannot read; glibc then falls back to `clone`), and any call through a foreign ABI (x32, i386) is EPERM."""
+
+SYSCALL_NUMBERS = {
+    "x86_64": (0xC000003E, dict(
+        add_key=248, request_key=249, keyctl=250, bpf=321, perf_event_open=298, userfaultfd=323,
+        io_uring_setup=425, io_uring_enter=426, io_uring_register=427, ptrace=101, process_vm_readv=310,
+        process_vm_writev=311, mount=165, umount2=166, pivot_root=155, chroot=161, open_tree=428, move_mount=429,
+        fsopen=430, fsconfig=431, fsmount=432, fspick=433, mount_setattr=442, unshare=272, setns=308,
+        open_by_handle_at=304, kexec_load=246, kexec_file_load=320, init_module=175, finit_module=313,
+        delete_module=176, reboot=169, swapon=167, swapoff=168, acct=163, syslog=103, quotactl=179,
+        lookup_dcookie=212, iopl=172, ioperm=173, clone=56, clone3=435,
+    )),
+    "aarch64": (0xC00000B7, dict(
+        add_key=217, request_key=218, keyctl=219, bpf=280, perf_event_open=241, userfaultfd=282,
+        io_uring_setup=425, io_uring_enter=426, io_uring_register=427, ptrace=117, process_vm_readv=270,
+        process_vm_writev=271, mount=40, umount2=39, pivot_root=41, chroot=51, open_tree=428, move_mount=429,
+        fsopen=430, fsconfig=431, fsmount=432, fspick=433, mount_setattr=442, unshare=97, setns=268,
+        open_by_handle_at=265, kexec_load=104, kexec_file_load=294, init_module=105, finit_module=273,
+        delete_module=106, reboot=142, swapon=224, swapoff=225, acct=89, syslog=116, quotactl=60,
+        lookup_dcookie=18, clone=220, clone3=435,
+    )),
+}
+"""(AUDIT_ARCH_*, system call numbers) per machine; elsewhere no filter is installed (docs/sandbox.md)."""
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_filter(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """The deny-list as classic BPF over `struct seccomp_data` (nr at byte 0, arch at 4, args from 16),
+    as (code, jt, jf, k) instructions; None on a machine without a table."""
+    if machine not in SYSCALL_NUMBERS:
+        return None
+    arch, numbers = SYSCALL_NUMBERS[machine]
+    deny, enosys = SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ERRNO | ENOSYS
+    program: list[tuple] = [
+        (BPF_LD_W_ABS, 0, 0, 4), (BPF_JEQ, 1, 0, arch), (BPF_RET, 0, 0, deny),  # foreign ABI: nothing
+        (BPF_LD_W_ABS, 0, 0, 0),
+    ]
+    if machine == "x86_64":
+        program.append((BPF_JGE, "deny", 0, 0x40000000))  # the x32 ABI: the same calls, other numbers
+    program += [(BPF_JEQ, "deny", 0, numbers[name]) for name in SECCOMP_DENIED if name in numbers]
+    program += [
+        (BPF_JEQ, "enosys", 0, numbers["clone3"]),
+        (BPF_JEQ, 0, "allow", numbers["clone"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # clone's flags: the low half of argument 0 (little-endian)
+        (BPF_JSET, "deny", 0, NAMESPACE_FLAGS),
+    ]
+    labels = {"allow": len(program), "deny": len(program) + 1, "enosys": len(program) + 2}
+    program += [(BPF_RET, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET, 0, 0, deny), (BPF_RET, 0, 0, enosys)]
+    jump = lambda at, target: labels[target] - at - 1 if isinstance(target, str) else target  # noqa: E731
+    return [(code, jump(i, jt), jump(i, jf), k) for i, (code, jt, jf, k) in enumerate(program)]
+
+
+def _install_seccomp() -> None:
+    """Install `seccomp_filter` for this process and everything it starts (needs no_new_privs first)."""
+    program = seccomp_filter(os.uname().machine)
+    if program is None:
+        return
+    instructions = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
+    fprog = _SockFprog(len(program), instructions)
+    _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0),
+           "prctl(PR_SET_SECCOMP)")
 
 
 class _MountAttr(ctypes.Structure):
@@ -91,8 +187,8 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _check(result, f"mount {fstype or source} on {target}")
 
 
-def _make_read_only(path: str, recursive: bool) -> None:
-    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+def _make_read_only(path: str, recursive: bool, nodev: bool = True) -> None:
+    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | (MOUNT_ATTR_NODEV if nodev else 0))
     flags = AT_RECURSIVE if recursive else 0
     result = _libc.syscall(
         ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(), ctypes.c_uint(flags),
@@ -186,7 +282,9 @@ def _build_filesystem(spec: dict) -> None:
             _mount(path, root + path, None, MS_BIND | MS_REC)
     for path in ("/tmp", "/proc", *([] if workdir.startswith("/tmp/") else [workdir])):
         os.makedirs(root + path, exist_ok=True)  # mount points, made before everything turns read-only
-    _make_read_only(root, recursive=True)
+    _stage_dev(root + "/dev")
+    _make_read_only(root, recursive=True)  # and nodev: no device node opens anywhere but the ones below
+    _fill_dev(root + "/dev")
 
     for path in WRITABLE_DIRS:
         if os.path.isdir(root + path):
@@ -204,6 +302,33 @@ def _build_filesystem(spec: dict) -> None:
         _mount("tmpfs", root + "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=1m,mode=0555")
     os.chdir(root)
     os.chroot(".")
+
+
+def _stage_dev(dev: str) -> None:
+    """A fresh /dev (a small tmpfs): mount points for DEVICES, pts and shm, and the usual links."""
+    os.mkdir(dev)
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    for name in DEVICES:
+        os.close(os.open(f"{dev}/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+    for name in ("pts", "shm"):
+        os.mkdir(f"{dev}/{name}")
+    links = {"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2"}
+    for name, target in links.items():
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _fill_dev(dev: str) -> None:
+    """After the root turned read-only and nodev: bind each of DEVICES alone (its mount keeps device
+    access, read-only: the node stays writable, `chmod` on it fails) and mount a private devpts."""
+    for name in DEVICES:
+        _mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+        _make_read_only(f"{dev}/{name}", recursive=False, nodev=False)
+    try:  # a new devpts instance: its ptys are not the host's, and there are at most MAX_PTYS of them
+        options = f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}"
+        _mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC, options)
+    except OSError:  # refused (some containers): no ptys at all, never the host's
+        pass
 
 
 def _exec_program(spec: dict) -> None:
@@ -235,6 +360,8 @@ def _exec_program(spec: dict) -> None:
             os.setresgid(spec["gid"], spec["gid"], spec["gid"])
             os.setresuid(spec["uid"], spec["uid"], spec["uid"])
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries do not raise privileges from here on
+        if sys.platform == "linux":
+            _install_seccomp()
         os.execve(spec["argv"][0], spec["argv"], spec["env"])
     except BaseException as error:  # noqa: BLE001 - reported, then the child ends
         _report(status_fd, error=f"starting the program failed: {type(error).__name__}: {error}")
