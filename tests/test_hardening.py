@@ -1,0 +1,201 @@
+"""Issue 19's hardening: a hung reward stops the run (naming function, step and limit) instead of stalling it;
+a raising reward is one line plus the user's own frames, exit 2; a reward needing a column the data lacks is
+refused at load; a refused run leaves the earlier run's config.yaml as it was."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tether import cli
+from tether.config import ConfigError, load_config
+from tether.data.loading import DataError
+from tether.recipes import sft
+from tether.rewards import RewardFunctionError, RewardSet, RewardTimeoutError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=1"
+
+USER_REWARDS = textwrap.dedent('''
+    import time
+
+    calls = []
+
+
+    def hangs_on_second_call(prompts, completions, **columns):
+        calls.append(1)
+        while len(calls) >= 2:
+            time.sleep(1)
+        return [0.5] * len(completions)
+
+
+    def slow(prompts, completions, **columns):
+        time.sleep(0.3)
+        return [1.0] * len(completions)
+
+
+    def raises(prompts, completions, **columns):
+        return [helper(c) for c in completions]
+
+
+    def always_raises(prompts, completions, **columns):
+        return [helper('bad') for c in completions]
+
+
+    def helper(completion):
+        if completion == "bad":
+            raise ValueError("cannot score " + completion)
+        return 1.0
+
+
+    def needs_solution(prompts, completions, solution, **columns):
+        return [float(c == s) for c, s in zip(completions, solution)]
+''')
+
+
+@pytest.fixture
+def rewards_file(tmp_path):
+    path = tmp_path / "rw.py"
+    path.write_text(USER_REWARDS)
+    return path
+
+
+# ----------------------------------------------------------------------------- item 1: a wall-clock limit
+
+
+def test_a_hung_reward_stops_at_its_time_limit_naming_function_and_step(rewards_file, caplog):
+    rewards = RewardSet([{"name": f"{rewards_file}:hangs_on_second_call", "time_limit_s": 0.4}])
+    assert rewards(["p"], ["c"]).total == [0.5]  # first call returns
+    rewards.step = 7
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger="tether"), pytest.raises(RewardTimeoutError) as error:
+        rewards(["p"], ["c"])
+    assert 0.4 <= time.monotonic() - start < 2.0
+    assert str(error.value).startswith(
+        "reward 'hangs_on_second_call' did not return within its time limit of 0.4 s at step 7;")
+    # while it waited, the log said which stage the step was in
+    assert "scoring at step 7: waiting on reward 'hangs_on_second_call'" in caplog.text
+
+
+def test_a_slow_reward_within_its_limit_and_the_default_limit(rewards_file):
+    rewards = RewardSet([f"{rewards_file}:slow", {"name": "format", "weight": 0.0}])
+    assert rewards.time_limits == {"slow": 300.0, "format": 300.0}  # the default: 300 s per batch
+    assert RewardSet([{"name": f"{rewards_file}:slow", "time_limit_s": 5}])(["p"], ["c"]).total == [1.0]
+    for bad in (0, -1, float("inf"), "10", True):
+        with pytest.raises(ValueError, match="time_limit_s must be a positive number of seconds"):
+            RewardSet([{"name": "format", "time_limit_s": bad}])
+
+
+@pytest.mark.slow
+def test_tether_grpo_with_a_hung_reward_exits_with_one_line_and_keeps_the_checkpoint(rewards_file, tmp_path):
+    """The reported case, from the command line: before, `tether grpo` sat at "train 0/3" forever."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("ab", "abc", "a", "b")))
+    result = subprocess.run(
+        [sys.executable, "-m", "tether", "grpo", f"data={data}", f"model={TINY}", f"output_dir={tmp_path / 'run'}",
+         f"rewards=[{{name: '{rewards_file}:hangs_on_second_call', time_limit_s: 2}}]", "report_to=[]",
+         "progress=false", "batch_size=2", "group_size=2", "max_completion_length=4", "max_steps=3", "save_steps=1"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env=_env())
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tether grpo: reward 'hangs_on_second_call' did not return within its time limit of 2 s "
+                           "at step 2; the run stops here"), last
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-1"]
+
+
+# ----------------------------------------------------------------------------- item 8: a raising reward
+
+
+def test_a_raising_reward_names_the_row_and_the_users_own_frames(rewards_file):
+    rewards = RewardSet([f"{rewards_file}:raises"])
+    with pytest.raises(RewardFunctionError) as error:
+        rewards(["p", "p", "p"], ["ok", "bad", "ok"])
+    assert str(error.value) == "reward 'raises' raised on row 1: ValueError: cannot score bad"
+    lines = USER_REWARDS.splitlines()
+    line_of = lambda text: next(i for i, line in enumerate(lines, 1) if text in line)  # noqa: E731
+    assert error.value.frames[0] == (f"{rewards_file}:{line_of('return [helper(c)')} in raises: "
+                                     "return [helper(c) for c in completions]")
+    assert error.value.frames[-1] == (f"{rewards_file}:{line_of('raise ValueError')} in helper: "
+                                      'raise ValueError("cannot score " + completion)')
+    assert not any("tether" in Path(frame.split(":")[0]).parts for frame in error.value.frames)
+
+
+def _grpo(data, output_dir, reward):
+    return ["grpo", f"data={data}", f"model={TINY}", f"output_dir={output_dir}", f"rewards=[{{name: '{reward}'}}]",
+            "report_to=[]", "progress=false", "batch_size=2", "group_size=2", "max_completion_length=4",
+            "max_steps=1"]
+
+
+def test_tether_grpo_prints_a_raising_reward_as_one_line_and_frames_exit_2(rewards_file, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("ab", "abc")))
+    code = cli.main(_grpo(data, tmp_path / "run", f"{rewards_file}:always_raises"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "Warning" not in line and "return forward" not in line]
+    assert code == 2
+    assert err[0] == "tether grpo: reward 'always_raises' raised on row 0: ValueError: cannot score bad"
+    lines = USER_REWARDS.splitlines()
+    assert err[1:] == [f"  at {rewards_file}:{lines.index(text) + 1} in {function}: {text.strip()}" for function, text in
+                       (("always_raises", "    return [helper('bad') for c in completions]"),
+                        ("<listcomp>", "    return [helper('bad') for c in completions]"),
+                        ("helper", '        raise ValueError("cannot score " + completion)'))]
+
+
+def test_tether_grpo_refuses_a_reward_needing_a_missing_column_before_training(rewards_file, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ("ab", "abc")))
+    code = cli.main(_grpo(data, tmp_path / "run", f"{rewards_file}:needs_solution"))
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tether grpo: DataError: {data}, row 0, field 'solution': reward 'needs_solution' needs the column "
+        "'solution', which this row lacks. Columns in the data: answer, completion_ids, completion_lengths. "
+        "Add the column, or give the parameter a default")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_reward_needing_a_column_the_data_lacks_is_refused_at_load(rewards_file):
+    rewards = RewardSet([f"{rewards_file}:needs_solution"])
+    rewards.check_rows("d.jsonl", [(0, {"solution": "a"}), (1, {"solution": "b"})])  # present: fine
+    with pytest.raises(DataError) as error:
+        rewards.check_rows("d.jsonl", [(0, {"answer": "a", "level": 1})])
+    assert str(error.value) == (
+        "d.jsonl, row 0, field 'solution': reward 'needs_solution' needs the column 'solution', which this row "
+        "lacks. Columns in the data: answer, completion_ids, completion_lengths, level. Add the column, or give "
+        "the parameter a default")
+    # a column given as an option, or a parameter with a default, is not needed from the data
+    RewardSet([{"name": f"{rewards_file}:needs_solution", "solution": ["x"]}]).check_rows("d.jsonl", [(0, {})])
+
+
+# ----------------------------------------------------------------------------- item 7: config.yaml of a refused run
+
+
+def _sft_config(data, output_dir, *overrides):
+    return load_config(sft.SFTConfig, None, [
+        f"data={data}", f"model={TINY}", f"output_dir={output_dir}", "report_to=[]", "progress=false",
+        "max_steps=1", "save_steps=1", "batch_size=2", *overrides])
+
+
+def test_a_refused_run_leaves_the_earlier_runs_config_yaml_unchanged(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}:", "completion": str(i)}) + "\n" for i in range(4)))
+    sft.train(_sft_config(data, tmp_path / "run", "learning_rate=1e-3"))
+    before = (tmp_path / "run" / "config.yaml").read_bytes()
+    assert b"learning_rate: 0.001" in before
+    with pytest.raises(ConfigError, match="holds a checkpoint of an earlier run"):  # refused: not resume=true
+        sft.train(_sft_config(data, tmp_path / "run", "learning_rate=5e-2"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    with pytest.raises(DataError):  # failed at data load
+        sft.train(_sft_config(bad, tmp_path / "run", "learning_rate=5e-2", "resume=true"))
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
