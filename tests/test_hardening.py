@@ -199,3 +199,63 @@ def _env():
     import os
 
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# ----------------------------------------------------------------------------- item 10: data errors
+
+
+def test_an_overlong_line_is_refused_before_tokenizing(tmp_path):
+    """A 1 MB completion against max_length=64: refused on its character count (a token of the tiny tokenizer
+    covers at most 12 characters, so 64 tokens hold at most 768), without tokenizing it (it took ~9 s, 10 MB
+    88 s); overlong=drop drops it the same way. A row just under the bound is still tokenized and judged."""
+    from tether.data.sft import build_sft_examples, max_token_characters
+    from tether.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    assert max_token_characters(tok) == 12
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "q", "completion": "x" * 1_000_000}]
+    start = time.perf_counter()
+    with pytest.raises(DataError) as error:
+        build_sft_examples(rows, tok, source="d.jsonl", max_length=64)
+    assert time.perf_counter() - start < 5.0
+    assert str(error.value) == ("d.jsonl, row 1: 1,000,001 non-space characters, more than max_length=64 tokens can "
+                                "hold (refused before tokenizing); raise max_length or set overlong=truncate or "
+                                "overlong=drop (rows count from 0)")
+    examples, stats = build_sft_examples(rows, tok, source="d.jsonl", max_length=64, overlong="drop")
+    assert [e.row for e in examples] == [0] and stats.dropped_rows == [1]
+    spaced = [{"prompt": "q", "completion": " x" * 700}]  # 701 non-space characters: not surely too long...
+    with pytest.raises(DataError, match=r"row 0: \d+ tokens > max_length=64"):  # ...so tokenized, then refused
+        build_sft_examples(spaced, tok, source="d.jsonl", max_length=64)
+
+
+def test_a_null_field_says_null_not_missing(tmp_path):
+    from tether.data.preference import parse_preference_row, parse_unpaired_row
+    from tether.data.sft import build_sft_examples
+    from tether.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    with pytest.raises(DataError, match=r"^d.jsonl, row 0, field 'completion': is null; the prompt/completion"):
+        build_sft_examples([{"prompt": "a", "completion": None}], tok, source="d.jsonl", max_length=64)
+    with pytest.raises(DataError, match=r"^d.jsonl, row 0, field 'completion': missing field"):
+        build_sft_examples([{"prompt": "a"}], tok, source="d.jsonl", max_length=64)
+    with pytest.raises(DataError, match=r"^d.jsonl, row 3, field 'rejected': is null; preference rows need"):
+        parse_preference_row({"prompt": "p", "chosen": "a", "rejected": None}, "d.jsonl", 3)
+    with pytest.raises(DataError, match=r"^d.jsonl, row 2, field 'label': is null; unpaired"):
+        parse_unpaired_row({"prompt": "p", "completion": "a", "label": None}, "d.jsonl", 2)
+
+
+def test_a_non_utf8_file_names_the_line_and_the_byte(tmp_path):
+    from tether.data.loading import load_rows
+
+    for suffix in (".jsonl", ".json"):
+        path = tmp_path / f"d{suffix}"
+        path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "caf\xe9"}\n')
+        with pytest.raises(DataError) as error:
+            load_rows(str(path))
+        assert str(error.value) == f"{path}: not UTF-8 text (line 3, byte 41 of the file); re-save the file as UTF-8"
+
+
+def test_row_errors_say_rows_count_from_0():
+    assert str(DataError("d.jsonl", "empty string", 5, "text")) == \
+        "d.jsonl, row 5, field 'text': empty string (rows count from 0)"
+    assert str(DataError("d.jsonl", "file not found")) == "d.jsonl: file not found"
