@@ -259,3 +259,44 @@ def test_row_errors_say_rows_count_from_0():
     assert str(DataError("d.jsonl", "empty string", 5, "text")) == \
         "d.jsonl, row 5, field 'text': empty string (rows count from 0)"
     assert str(DataError("d.jsonl", "file not found")) == "d.jsonl: file not found"
+
+
+# ----------------------------------------------------------------------------- items 13 and 14: the tools' options
+
+
+def test_tools_take_key_value_as_well_as_flags():
+    import argparse
+
+    from tether.cli import _split
+    from tether.runtime.options import key_value_as_flags
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir")
+    parser.add_argument("--prompt")
+    parser.add_argument("--skip-bad-rows", action="store_true")
+    argv = ["rlvr", "output_dir=X", "--prompt", "a=b", "--skip-bad-rows", "seed=3"]
+    assert key_value_as_flags(parser, argv) == ["rlvr", "--output-dir=X", "--prompt", "a=b", "--skip-bad-rows",
+                                                "seed=3"]  # a value stays a value; an unknown key is left to argparse
+    # the recipes: key=value, --key=value and --key value, dashes read as underscores
+    assert _split(["output_dir=A", "--max-steps=3", "--output-dir", "B", "--config", "c.yaml"]) == \
+        ("c.yaml", ["output_dir=A", "max_steps=3", "output_dir=B"], False)
+
+
+def test_eval_rm_writes_beside_the_model_and_labels_both_orderings(tmp_path, capsys, monkeypatch):
+    from tether.eval.reward_model import main as eval_rm_main
+    from tether.models import load, save
+    from tether.models.value import from_causal_lm
+
+    model, tokenizer = load(TINY)
+    folder = tmp_path / "rm" / "final"
+    save(from_causal_lm(model, pad_token_id=tokenizer.pad_token_id), tokenizer, folder)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}", "chosen": "yes" * (i + 1), "rejected": "no"}) + "\n"
+                            for i in range(5)))
+    monkeypatch.chdir(tmp_path)
+    assert eval_rm_main([f"model={folder}", f"data={data}", "bins=2", "device=cpu"]) == 0  # key=value (item 13)
+    assert not (tmp_path / "eval_rm.json").exists()  # not the current folder
+    report = json.loads((folder / "eval_rm.json").read_text())
+    assert report["num_pairs"] == 5 and sum(row["count"] for row in report["calibration"]) == 10
+    out = capsys.readouterr().out
+    assert "pairs 5 " in out and "calibration: each pair in both orders (10 orderings of 5 pairs)" in out

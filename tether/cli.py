@@ -64,8 +64,12 @@ def _split(argv: list[str]) -> tuple[str | None, list[str], bool]:
             i += 1
         elif arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
-        elif arg.startswith("--") and "=" in arg:
-            overrides.append(arg[2:])
+        elif arg.startswith("--") and "=" in arg:  # --key=value, dashes read as underscores (--output-dir=X)
+            key, value = arg[2:].split("=", 1)
+            overrides.append(f"{key.replace('-', '_')}={value}")
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):  # --key value
+            overrides.append(f"{arg[2:].replace('-', '_')}={argv[i + 1]}")
+            i += 1
         elif "=" in arg:
             overrides.append(arg)
         else:
