@@ -300,3 +300,29 @@ def test_eval_rm_writes_beside_the_model_and_labels_both_orderings(tmp_path, cap
     assert report["num_pairs"] == 5 and sum(row["count"] for row in report["calibration"]) == 10
     out = capsys.readouterr().out
     assert "pairs 5 " in out and "calibration: each pair in both orders (10 orderings of 5 pairs)" in out
+
+
+# ----------------------------------------------------------------------------- item 15: our deprecated calls
+
+
+def test_sampling_scoring_and_lora_raise_no_deprecation_warning_from_our_calls(tmp_path):
+    """`past_key_values` (transformers 5.25 calls it `cache`) in the sampler and the shared-prompt forward, and
+    PEFT's read of `is_gradient_checkpointing` when LoRA is added: run as errors, none may fire."""
+    import warnings
+
+    import torch
+
+    from tether.models import LoraConfig, add_lora, load
+    from tether.models.shared_prompt import completion_states
+    from tether.rollout import SamplingParams, get_sampler
+
+    model, tokenizer = load(TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        batch = get_sampler("builtin", model, tokenizer).generate(
+            [tokenizer("ab")["input_ids"]], SamplingParams(n=2, max_new_tokens=4, seed=0)).to_tensors(
+            tokenizer.pad_token_id)
+        with torch.no_grad():
+            completion_states(model, batch)
+        add_lora(model, LoraConfig(r=4))
