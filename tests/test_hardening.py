@@ -153,7 +153,7 @@ def test_tether_grpo_refuses_a_reward_needing_a_missing_column_before_training(r
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"tether grpo: DataError: {data}, row 0, field 'solution': reward 'needs_solution' needs the column "
         "'solution', which this row lacks. Columns in the data: answer, completion_ids, completion_lengths. "
-        "Add the column, or give the parameter a default")
+        "Add the column, or give the parameter a default (rows count from 0)")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -165,7 +165,7 @@ def test_a_reward_needing_a_column_the_data_lacks_is_refused_at_load(rewards_fil
     assert str(error.value) == (
         "d.jsonl, row 0, field 'solution': reward 'needs_solution' needs the column 'solution', which this row "
         "lacks. Columns in the data: answer, completion_ids, completion_lengths, level. Add the column, or give "
-        "the parameter a default")
+        "the parameter a default (rows count from 0)")
     # a column given as an option, or a parameter with a default, is not needed from the data
     RewardSet([{"name": f"{rewards_file}:needs_solution", "solution": ["x"]}]).check_rows("d.jsonl", [(0, {})])
 
@@ -326,3 +326,32 @@ def test_sampling_scoring_and_lora_raise_no_deprecation_warning_from_our_calls(t
         with torch.no_grad():
             completion_states(model, batch)
         add_lora(model, LoraConfig(r=4))
+
+
+def test_a_bad_time_limit_is_a_config_error_exit_2(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "ab"}) + "\n")
+    argv = _grpo(data, tmp_path / "run", "format")[:-1] + ["max_steps=1"]
+    argv[5] = "rewards=[{name: format, time_limit_s: 0}]"
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tether grpo: config error: config key 'rewards': rewards[0] (format): time_limit_s must be a positive "
+        "number of seconds, got 0")
+
+
+# ----------------------------------------------------------------------------- item 16: plots say what they show
+
+
+def test_every_plot_has_a_y_axis_label(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from tether.demo.report import plot_series
+
+    with pytest.raises(TypeError, match="ylabel"):
+        plot_series(tmp_path / "a.png", "t", {"a": ([1, 2], [3, 4])})
+    labels = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (labels.append(self.axes[0].get_ylabel()), original(self, *a, **k)))
+    assert plot_series(tmp_path / "b.png", "t", {"a": ([1, 2], [3, 4])}, ylabel="mean reward").is_file()
+    assert labels == ["mean reward"]

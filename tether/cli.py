@@ -141,7 +141,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"tether {command}: {message}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:
-        if type(err).__name__ in ("DataError", "RewardContractError", "CodeTestsError", "FileNotFoundError"):
+        if type(err).__name__ == "RewardSpecError":
+            print(f"tether {command}: config error: config key 'rewards': {err}", file=sys.stderr)
+            return 2
+        if type(err).__name__ in ("DataError", "RewardContractError", "RewardSetupError", "CodeTestsError",
+                                  "FileNotFoundError"):
             print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
             return 2
         raise

@@ -77,6 +77,10 @@ class RewardTimeoutError(RuntimeError):
     """A reward function ran past its wall-clock limit (`time_limit_s`) on one batch."""
 
 
+class RewardSpecError(ValueError):
+    """A `rewards:` entry is wrong (no name, an unknown option, a bad weight or time limit): a config error."""
+
+
 class RewardSetupError(ValueError):
     """A reward cannot run on this batch at all (e.g. a column it needs is missing).
 
@@ -161,7 +165,7 @@ def get_reward(name: str | Callable, **options) -> RewardFn:
             label = function.__name__
         original = function.__wrapped__ if options else function
         return _with_required_columns(checked_reward(function, name=label, on_invalid=on_invalid), original, options)
-    raise ValueError(_unknown_name_message(name))
+    raise RewardSpecError(_unknown_name_message(name))
 
 
 def _with_required_columns(reward: RewardFn, function: Callable, options: dict) -> RewardFn:
@@ -207,7 +211,7 @@ def _check_options(what: str, function: Callable, options: dict, skip: int = 0) 
             close = difflib.get_close_matches(option, valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             listed = ", ".join(valid + ["on_invalid"]) if valid else "on_invalid"
-            raise ValueError(f"{what} has no option '{option}'.{hint} Valid options: {listed}.")
+            raise RewardSpecError(f"{what} has no option '{option}'.{hint} Valid options: {listed}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def checked_reward(function: Callable, name: str, on_invalid: str = "raise") -> 
     `stats`, e.g. the math reward's timeouts, plus `invalid`) and `close()` (the function's, if any).
     """
     if on_invalid not in ON_INVALID_MODES:
-        raise ValueError(f"reward '{name}': on_invalid must be one of {ON_INVALID_MODES}, got {on_invalid!r}")
+        raise RewardSpecError(f"reward '{name}': on_invalid must be one of {ON_INVALID_MODES}, got {on_invalid!r}")
     if getattr(function, "_tether_checked", False):
         return function
 
@@ -477,7 +481,7 @@ class RewardSet:
         if isinstance(specs, (str, dict)) or callable(specs):
             specs = [specs]
         if not specs:
-            raise ValueError("RewardSet needs at least one reward, e.g. [{'name': 'math', 'weight': 1.0}]")
+            raise RewardSpecError("RewardSet needs at least one reward, e.g. [{'name': 'math', 'weight': 1.0}]")
         self.functions: dict[str, RewardFn] = {}
         self.weights: dict[str, float] = {}
         self.time_limits: dict[str, float] = {}
@@ -486,19 +490,19 @@ class RewardSet:
             if isinstance(spec, dict):
                 options = dict(spec)
                 if "name" not in options:
-                    raise ValueError(f"rewards[{position}] has no 'name' (got keys {sorted(options)})")
+                    raise RewardSpecError(f"rewards[{position}] has no 'name' (got keys {sorted(options)})")
                 reward_name = options.pop("name")
                 weight = options.pop("weight", 1.0)
                 time_limit = options.pop("time_limit_s", DEFAULT_TIME_LIMIT_S)
             else:
                 reward_name, weight, time_limit, options = spec, 1.0, DEFAULT_TIME_LIMIT_S, {}
             if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-                raise ValueError(
+                raise RewardSpecError(
                     f"rewards[{position}] ({reward_name}): weight must be a finite number, got {weight!r}"
                 )
             if (isinstance(time_limit, bool) or not isinstance(time_limit, numbers.Real)
                     or not math.isfinite(time_limit) or time_limit <= 0):
-                raise ValueError(f"rewards[{position}] ({reward_name}): time_limit_s must be a positive number of "
+                raise RewardSpecError(f"rewards[{position}] ({reward_name}): time_limit_s must be a positive number of "
                                  f"seconds, got {time_limit!r}")
             function = get_reward(reward_name, **options)
             label = function.__name__
