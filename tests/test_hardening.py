@@ -135,14 +135,14 @@ def test_tether_grpo_prints_a_raising_reward_as_one_line_and_frames_exit_2(rewar
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("ab", "abc")))
     code = cli.main(_grpo(data, tmp_path / "run", f"{rewards_file}:always_raises"))
-    err = [line for line in capsys.readouterr().err.splitlines() if "Warning" not in line and "return forward" not in line]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("tether", "  at"))]
     assert code == 2
     assert err[0] == "tether grpo: reward 'always_raises' raised on row 0: ValueError: cannot score bad"
     lines = USER_REWARDS.splitlines()
-    assert err[1:] == [f"  at {rewards_file}:{lines.index(text) + 1} in {function}: {text.strip()}" for function, text in
-                       (("always_raises", "    return [helper('bad') for c in completions]"),
-                        ("<listcomp>", "    return [helper('bad') for c in completions]"),
-                        ("helper", '        raise ValueError("cannot score " + completion)'))]
+    own = [line for line in err[1:] if "<listcomp>" not in line]  # Python < 3.12 adds the comprehension's frame
+    assert own == [f"  at {rewards_file}:{lines.index(text) + 1} in {function}: {text.strip()}"
+                   for function, text in (("always_raises", "    return [helper('bad') for c in completions]"),
+                                          ("helper", '        raise ValueError("cannot score " + completion)'))]
 
 
 def test_tether_grpo_refuses_a_reward_needing_a_missing_column_before_training(rewards_file, tmp_path, capsys):
