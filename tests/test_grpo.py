@@ -126,11 +126,14 @@ def test_kl_penalty_bounds_drift_from_reference(prompts_file, tmp_path):
 
 def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
     """Kill after step 2 (checkpointed) and resume to step 4: weights are bitwise those of a run that was
-    never interrupted, and metrics and samples.jsonl are equal except timing. Exercises the prompt cursor
+    never interrupted, and every metric (the rewards' cumulative counters too) and samples.jsonl are equal
+    except timing. Exercises the prompt cursor
     under dynamic sampling, the adaptive β, minibatch shuffles over two epochs and the sampler seeds."""
     options = ["max_steps=4", "save_steps=2", "ppo_epochs=2", "num_minibatches=2", "dynamic_sampling=true",
                "kl_controller=adaptive_proportional", "kl_target=0.5", "kl_horizon=100", "sample_steps=1",
-               "group_size=4", "lr_scheduler=cosine"]
+               "group_size=4", "lr_scheduler=cosine",
+               # math (weight 0) only counts: its cumulative counters must go on from the checkpoint's
+               f"rewards=[{{name: '{__file__}:digit_fraction'}}, {{name: math, weight: 0}}]"]
     straight = grpo.train(make_config(prompts_file, tmp_path / "straight", *options))
 
     class Killed(Exception):
@@ -159,6 +162,7 @@ def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     assert [strip(r) for r in rows_a] == [strip(r) for r in rows_b]
     assert rows_a[-1]["kl_coef"] != rows_a[0]["kl_coef"]  # the adaptive β did move (and was restored)
+    assert rows_b[-1]["reward/math/no_answer"] > rows_b[1]["reward/math/no_answer"] > 0  # counted on, not from 0
     assert (tmp_path / "straight" / "samples.jsonl").read_text() == (tmp_path / "resumed" / "samples.jsonl").read_text()
 
 

@@ -68,8 +68,12 @@ def _split(argv: list[str]) -> tuple[str | None, list[str], bool]:
             i += 1
         elif arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
-        elif arg.startswith("--") and "=" in arg:
-            overrides.append(arg[2:])
+        elif arg.startswith("--") and "=" in arg:  # --key=value, dashes read as underscores (--output-dir=X)
+            key, value = arg[2:].split("=", 1)
+            overrides.append(f"{key.replace('-', '_')}={value}")
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):  # --key value
+            overrides.append(f"{arg[2:].replace('-', '_')}={argv[i + 1]}")
+            i += 1
         elif "=" in arg:
             overrides.append(arg)
         else:
@@ -126,20 +130,31 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as err:
         print(f"tether {command}: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        if type(err).__name__ in ("DataError", "RewardContractError", "CodeTestsError", "FileNotFoundError",
-                                  "StoreError"):
-            print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
+    except RuntimeError as err:
+        if type(err).__name__ == "RewardFunctionError":  # the user's function raised: one line + their own frames
+            print(f"tether {command}: {err}", file=sys.stderr)
+            for frame in getattr(err, "frames", []):
+                print(f"  at {frame}", file=sys.stderr)
             return 2
-        raise
-    except RuntimeError as err:  # under torchrun: another rank died or hung → say so instead of a gloo/nccl trace
-        from tether.runtime.distributed import failure_message
+        if type(err).__name__ == "RewardTimeoutError":
+            print(f"tether {command}: {err}", file=sys.stderr)
+            return 1
+        from tether.runtime.distributed import failure_message  # under torchrun: another rank died or hung
 
         message = failure_message(err)
         if message is None:
             raise
         print(f"tether {command}: {message}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as err:
+        if type(err).__name__ == "RewardSpecError":
+            print(f"tether {command}: config error: config key 'rewards': {err}", file=sys.stderr)
+            return 2
+        if type(err).__name__ in ("DataError", "RewardContractError", "RewardSetupError", "CodeTestsError",
+                                  "FileNotFoundError", "StoreError"):
+            print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+        raise
     import difflib
 
     close = difflib.get_close_matches(command, list(RECIPES) + list(TOOLS), n=1)

@@ -18,6 +18,7 @@ from tether.data.chat import prompt_text
 from tether.data.loading import DataError, load_rows
 from tether.rollout.sampler import SamplingParams, get_sampler
 from tether.runtime import distributed
+from tether.runtime.options import parse_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def read_prompt_rows(args) -> tuple[list[dict], str]:
 
 
 def generate_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                                 max_new_tokens=args.max_new_tokens, n=args.n, stop=args.stop, seed=args.seed)

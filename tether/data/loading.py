@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """A bad data source or row; the message names the file, the row index and the field."""
+    """A bad data source or row; the message names the file, the row index (counted from 0, as it says) and
+    the field."""
 
     def __init__(self, source: str, message: str, row: int | None = None, field: str | None = None):
         where = str(source)
@@ -15,7 +16,8 @@ class DataError(ValueError):
             where += f", row {row}"
         if field is not None:
             where += f", field '{field}'"
-        super().__init__(f"{where}: {message}")
+        note = " (rows count from 0)" if row is not None else ""
+        super().__init__(f"{where}: {message}{note}")
         self.source, self.row, self.field = source, row, field
 
 
@@ -50,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(str(path), f"not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+        raise DataError(str(path), _not_utf8(path, err)) from None
     for line_no, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
@@ -65,11 +67,17 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+    """Where the first byte that is not UTF-8 is: its line (from 1) and its byte offset in the file."""
+    line = err.object[:err.start].count(b"\n") + 1
+    return f"not UTF-8 text (line {line}, byte {err.start} of the file); re-save the file as UTF-8"
+
+
 def _read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise DataError(str(path), f"not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+        raise DataError(str(path), _not_utf8(path, err)) from None
     except json.JSONDecodeError as err:
         raise DataError(str(path), f"invalid JSON at line {err.lineno}: {err.msg}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):

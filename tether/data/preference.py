@@ -28,7 +28,7 @@ import torch
 
 from tether.data.batching import pad
 from tether.data.loading import DataError
-from tether.data.sft import encode_prompt_completion
+from tether.data.sft import absent, encode_prompt_completion, surely_longer, text_characters
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def _role(message) -> str | None:
 
 def _text_field(row: dict, key: str, source: str, index: int) -> Text:
     """A present, non-empty string or message list."""
-    if key not in row or row[key] is None:
-        raise DataError(source, f"missing field; preference rows need 'chosen' and 'rejected' "
+    if absent(row, key):
+        raise DataError(source, f"{absent(row, key)}; preference rows need 'chosen' and 'rejected' "
                                 f"(and 'prompt' unless they are full conversations)", index, key)
     value = row[key]
     if not isinstance(value, (str, list)):
@@ -214,8 +214,8 @@ def parse_preference_row(row: dict, source: str, index: int, *, margin_column: s
 def parse_unpaired_row(row: dict, source: str, index: int) -> UnpairedRow:
     """Validate one KTO row {prompt, completion, label: bool} → UnpairedRow; raises DataError."""
     for key in ("prompt", "completion", "label"):
-        if key not in row or row[key] is None:
-            raise DataError(source, f"missing field; unpaired (KTO) rows need 'prompt', 'completion' and 'label' "
+        if absent(row, key):
+            raise DataError(source, f"{absent(row, key)}; unpaired (KTO) rows need 'prompt', 'completion' and 'label' "
                                     f"(or give paired rows with 'chosen'/'rejected')", index, key)
     prompt, completion, label = row["prompt"], row["completion"], row["label"]
     if not isinstance(prompt, (str, list)):
@@ -316,6 +316,11 @@ def build_preference_pairs(rows: list[dict], tokenizer, *, source: str, max_leng
                                          margin_column=margin_column)
     pairs = []
     for pair in parsed:
+        characters = text_characters(pair.prompt) + max(text_characters(pair.chosen), text_characters(pair.rejected))
+        if overlong == "error" and surely_longer(tokenizer, characters, max_length):
+            raise DataError(source, f"{characters:,} non-space characters, more than max_length={max_length} tokens "
+                                    f"can hold (refused before tokenizing); raise max_length or set "
+                                    f"overlong=truncate or overlong=drop", pair.row)
         try:
             prompt_ids, chosen_ids, rejected_ids = tokenize_pair(pair, tokenizer, source=source,
                                                                  chat_template=chat_template)

@@ -34,15 +34,58 @@ class LengthStats:
                 + (f" (rows {self.dropped_rows[:10]}{'...' if self.dropped > 10 else ''})" if self.dropped else ""))
 
 
-def _require_string(row: dict, key: str, source: str, index: int, *, allow_empty: bool = False) -> str:
+def absent(row: dict, key: str) -> str | None:
+    """Why `row[key]` cannot be used: "missing field" (no such key), "is null" (JSON null), or None when present."""
     if key not in row:
-        raise DataError(source, f"missing field; this format needs '{key}'", index, key)
+        return "missing field"
+    return "is null" if row[key] is None else None
+
+
+def _require_string(row: dict, key: str, source: str, index: int, *, allow_empty: bool = False) -> str:
+    if absent(row, key):
+        raise DataError(source, f"{absent(row, key)}; this format needs '{key}' as a string", index, key)
     value = row[key]
     if not isinstance(value, str):
         raise DataError(source, f"expected a string, got {type(value).__name__}", index, key)
     if not allow_empty and not value.strip():
         raise DataError(source, "empty string", index, key)
     return value
+
+
+def text_characters(value) -> int:
+    """Non-whitespace characters of a text: a string, a message's `content`, or a list of those."""
+    if isinstance(value, str):
+        return len(value) - sum(value.count(space) for space in " \n\t\r")
+    if isinstance(value, dict):
+        return text_characters(value.get("content"))
+    if isinstance(value, (list, tuple)):
+        return sum(text_characters(item) for item in value)
+    return 0
+
+
+def sft_characters(row: dict) -> int:
+    """Non-whitespace characters of the text an SFT row trains on (the fields `_encode_row` reads)."""
+    if "messages" in row:
+        return text_characters(row["messages"])
+    if "prompt" in row or "completion" in row:
+        return text_characters(row.get("prompt")) + text_characters(row.get("completion"))
+    return text_characters(row.get("text"))
+
+
+def max_token_characters(tokenizer) -> int:
+    """The longest token's text in the vocabulary (cached on the tokenizer): no token covers more characters."""
+    longest = getattr(tokenizer, "_tether_max_token_characters", None)
+    if longest is None:
+        longest = max(len(token) for token in tokenizer.get_vocab())
+        tokenizer._tether_max_token_characters = longest
+    return longest
+
+
+def surely_longer(tokenizer, characters: int, max_length: int) -> bool:
+    """True when text of `characters` non-space characters needs more than `max_length` tokens, known without
+    tokenizing it: a token covers at most `max_token_characters` of them, so a 10 MB line is refused in
+    milliseconds instead of being tokenized whole first. False means only "tokenize to find out"."""
+    return characters > max_length * max_token_characters(tokenizer)
 
 
 def encode_prompt_completion(tokenizer, prompt, completion, *, chat_template: str = "auto",
@@ -89,6 +132,14 @@ def build_sft_examples(rows: list[dict], tokenizer, *, source: str, max_length: 
     """
     examples, stats = [], LengthStats(total=len(rows))
     for index, row in enumerate(rows):
+        if overlong != "truncate" and surely_longer(tokenizer, sft_characters(row), max_length):
+            if overlong == "error":
+                raise DataError(source, f"{sft_characters(row):,} non-space characters, more than max_length="
+                                        f"{max_length} tokens can hold (refused before tokenizing); raise "
+                                        f"max_length or set overlong=truncate or overlong=drop", index)
+            stats.dropped += 1
+            stats.dropped_rows.append(index)
+            continue
         ids, mask = _encode_row(row, tokenizer, source, index, train_on, chat_template)
         if len(ids) > max_length:
             if overlong == "error":
@@ -121,7 +172,7 @@ def _encode_row(row: dict, tokenizer, source: str, index: int, train_on: str, ch
         prompt, completion = row.get("prompt"), row.get("completion")
         for key, value in (("prompt", prompt), ("completion", completion)):
             if value is None:
-                raise DataError(source, f"missing field; the prompt/completion format needs '{key}'", index, key)
+                raise DataError(source, f"{absent(row, key)}; the prompt/completion format needs '{key}'", index, key)
             if isinstance(value, str):
                 if key == "completion" and not value.strip():
                     raise DataError(source, "empty completion", index, key)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from tether.runtime.options import parse_args
+
 DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf"}
 
 
@@ -21,7 +23,7 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model init and sampling")
     parser.add_argument("--size", choices=["default", "small"], default="default",
                         help="small: a reduced run used by the tests (seconds, not minutes)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     module = importlib.import_module(DEMOS[args.which])
     output_dir = args.output_dir or f"runs/demo-{args.which}"
     summary = module.run(output_dir, seed=args.seed, size=args.size, which=args.which)

@@ -13,9 +13,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_series(path: Path, title: str, series: dict[str, tuple[list, list]], *, xlabel: str = "step",
-                ylabel: str = "") -> Path:
-    """One line chart: {label: (xs, ys)} → PNG at `path`."""
+def plot_series(path: Path, title: str, series: dict[str, tuple[list, list]], *, ylabel: str,
+                xlabel: str = "step") -> Path:
+    """One line chart: {label: (xs, ys)} → PNG at `path`. `ylabel` is required: every plot says what it shows."""
     import matplotlib
 
     matplotlib.use("Agg")

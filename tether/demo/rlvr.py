@@ -125,12 +125,13 @@ def write_report(out: Path, summary: dict, before: dict, after: dict, test_rows:
     images = [
         plot_series(out / "reward.png", "GRPO: mean reward per step",
                     {k: metric_series(metrics, k) for k in ("reward/math/mean", "reward/format/mean")
-                     if metric_series(metrics, k)[0]}),
+                     if metric_series(metrics, k)[0]}, ylabel="mean reward"),
         plot_series(out / "heldout_accuracy.png", "held-out accuracy (greedy) during GRPO",
-                    {"math": metric_series(metrics, "eval/math/mean")}),
-        plot_series(out / "kl.png", "KL to the SFT reference", {"kl": metric_series(metrics, "kl_ref")}),
+                    {"math": metric_series(metrics, "eval/math/mean")}, ylabel="accuracy (fraction correct)"),
+        plot_series(out / "kl.png", "KL to the SFT reference", {"kl": metric_series(metrics, "kl_ref")},
+                    ylabel="KL (nats per token)"),
         plot_series(out / "completion_length.png", "completion length (tokens)",
-                    {"mean": metric_series(metrics, "completion_length_mean")}),
+                    {"mean": metric_series(metrics, "completion_length_mean")}, ylabel="tokens"),
     ]
     samples = read_jsonl(out / "grpo" / "samples.jsonl")
     early = [r for r in samples if r.get("step") == min((x.get("step", 0) for x in samples), default=0)][:6]

@@ -32,6 +32,7 @@ from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
 from tether.generate import encode_prompt
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
 from tether.runtime import distributed
+from tether.runtime.options import parse_args
 
 log = logging.getLogger("tether")
 
@@ -338,7 +339,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chat-template", choices=["auto", "always", "never"], default=defaults.chat_template)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--output", default="", help="write the result (with every sample) to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     config = load_config(EvalConfig, None, {
         "model": args.model, "data": args.data, "n": args.n, "k": args.k, "temperature": args.temperature,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "rewards": args.rewards,

@@ -1,6 +1,6 @@
 """`tether eval rm`: pairwise accuracy, mean margin and calibration of a reward model on a preference file.
 
-    tether eval rm --model runs/rm/final --data examples/data/pref_eval.jsonl --bins 10 --output rm_eval.json
+    tether eval rm --model runs/rm/final --data examples/data/pref_eval.jsonl --bins 10   # → runs/rm/final/eval_rm.json
 
 Accuracy is the fraction of pairs with r_w > r_l; the margin is the mean of r_w − r_l. Calibration asks
 whether the Bradley-Terry probability P(chosen ≻ rejected) = σ(r_w − r_l) means what it says: every pair
@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from tether.runtime.options import parse_args
 
 
 def calibration_table(margins, bins: int = 10) -> tuple[list[dict], float]:
@@ -55,10 +57,12 @@ def evaluate_margins(margins, bins: int = 10) -> dict:
 def format_report(result: dict) -> str:
     lines = [f"pairs {result['num_pairs']}   accuracy {result['accuracy']:.4f}   mean margin "
              f"{result['mean_margin']:.4f}   ties {result['ties']}   ECE {result['ece']:.4f}",
-             "", f"{'P(chosen ≻ rejected)':>22}  {'count':>6}  {'predicted':>9}  {'observed':>8}"]
+             f"calibration: each pair in both orders ({2 * result['num_pairs']} orderings of {result['num_pairs']} "
+             f"pairs)",
+             "", f"{'P(first ≻ second)':>22}  {'orderings':>9}  {'predicted':>9}  {'observed':>8}"]
     for row in result["calibration"]:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"{row['lower']:>13.2f} – {row['upper']:.2f}  {row['count']:>6}  {fmt(row['predicted']):>9}  "
+        lines.append(f"{row['lower']:>13.2f} – {row['upper']:.2f}  {row['count']:>9}  {fmt(row['predicted']):>9}  "
                      f"{fmt(row['observed']):>8}")
     return "\n".join(lines)
 
@@ -69,14 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="preference file: {prompt, chosen, rejected} or HH-style rows")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
     parser.add_argument("--bins", type=int, default=10, help="calibration bins over [0, 1] (default 10)")
-    parser.add_argument("--output", default="eval_rm.json", help="JSON file for the results (default eval_rm.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file for the results (default: eval_rm.json in the model folder)")
     parser.add_argument("--split", default="train", help="split of a `datasets` source (default train)")
     parser.add_argument("--chat-template", default="auto", choices=["auto", "always", "never"],
                         help="how prompts are rendered; use the value the reward model was trained with")
     parser.add_argument("--max-length", type=int, default=None, help="keep the last N tokens of longer sequences")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) invalid rows")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.bins < 1 or args.batch_size < 1:
         parser.error("--bins and --batch-size must be >= 1")
 
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"model": str(args.model), "data": str(args.data), "skipped_rows": stats.skipped,
                    "rewards_chosen": sum(chosen) / len(chosen), "rewards_rejected": sum(rejected) / len(rejected)})
     print(format_report(result))
-    output = Path(args.output)
+    output = Path(args.output) if args.output else Path(args.model) / "eval_rm.json"
     if output.parent != Path(""):
         output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")

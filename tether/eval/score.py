@@ -22,6 +22,7 @@ import yaml
 from tether.data.loading import DataError, load_rows
 from tether.rewards import RewardSet
 from tether.rewards.base import RewardResult
+from tether.runtime.options import parse_args
 
 ROW_TEXT_FIELDS = ("prompt", "completion")
 
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> int:
     group.add_argument("--rewards", nargs="+", default=None, help="reward names or file.py:function (default math)")
     group.add_argument("--reward-config", default="", help="YAML list of {name, weight, ...options}")
     parser.add_argument("--output", default="", help="write the summary and every row's values to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     rewards = read_reward_config(args.reward_config) if args.reward_config else (args.rewards or ["math"])
     summary, result = score_file(args.data, rewards)
     print(format_summary(summary))

@@ -28,6 +28,7 @@ from tether.eval.generation import sample_rows
 from tether.eval.score import score_samples
 from tether.rewards import RewardSet
 from tether.rollout import SamplingParams
+from tether.runtime.options import parse_args
 
 
 def compare(margins: list[float | None], tie_margin: float = 0.0) -> dict:
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chat-template", choices=["auto", "always", "never"], default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default="", help="write the result (with every prompt's margin) to this JSON")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     if args.completions_a or args.completions_b:
         if not (args.completions_a and args.completions_b):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,11 +104,32 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig):
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    return quiet_peft(get_peft_model, model, peft_config)
 
 
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
+
+
+def quiet_peft(function, *args, **kwargs):
+    """`function(*args, **kwargs)` (PEFT's `get_peft_model`) without the FutureWarning PEFT's own read of
+    `model.is_gradient_checkpointing` raises under transformers >= 5.2x: PEFT's call, not tether's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return function(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The KV cache as the model's forward takes it: `{"cache": cache}` in transformers versions that renamed it
+    (5.25: `past_key_values` is deprecated), `{"past_key_values": cache}` in older ones."""
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PEFT passes kwargs through
+    return {_cache_keyword(type(inner)): cache}
 
 
 def unwrap(model):

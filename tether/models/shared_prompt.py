@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from tether.models import packed, unwrap
+from tether.models import cache_kwargs, packed, unwrap
 from tether.ops import (entropy_from_logits, head_reproduces, linear_token_logprobs, plain_lm_head,
                         position_ids_from_mask, token_logprobs)
 from tether.runtime import distributed
@@ -81,7 +81,7 @@ def completion_states(model, batch: dict, *, hidden: bool = False) -> tuple[Tens
     inner = unwrap(model)
     cache = DynamicCache(config=inner.config)
     out = inner(input_ids=input_ids[first, start:P], attention_mask=prompt_mask[:, start:],
-                position_ids=positions[first, start:P], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                position_ids=positions[first, start:P], **cache_kwargs(inner, cache), use_cache=True, logits_to_keep=1,
                 **keep)
     first_hidden = out.hidden_states[-1][:, -1] if hidden else None  # (U, H) at position P-1
     states = [(first_hidden if hidden else out.logits[:, -1])[inverse, None]]  # (n, 1, X) predicts token P
@@ -89,7 +89,7 @@ def completion_states(model, batch: dict, *, hidden: bool = False) -> tuple[Tens
     if end - 1 > P:  # the completion tokens that are inputs: all but the last
         cache.batch_select_indices(inverse)  # each row reads its prompt's keys and values (gathered, differentiable)
         out = model(input_ids=input_ids[:, P:end - 1], attention_mask=attention_mask[:, start:end - 1],
-                    position_ids=positions[:, P:end - 1], past_key_values=cache, use_cache=True,
+                    position_ids=positions[:, P:end - 1], **cache_kwargs(model, cache), use_cache=True,
                     logits_to_keep=NO_POSITIONS.to(input_ids.device) if hidden else 0, **keep)
         states.append(out.hidden_states[-1] if hidden else out.logits)  # (n, C'-1, X)
     return torch.cat(states, dim=1), last_prompt

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
-from tether.models import LoraConfig, check_model_name, is_peft, load_tokenizer, parse_tiny, unwrap
+from tether.models import LoraConfig, check_model_name, is_peft, load_tokenizer, parse_tiny, quiet_peft, unwrap
 from tether.ops import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -92,7 +92,7 @@ def _add_lora(model: PreTrainedModel, lora: LoraConfig):
     targets = lora.target_modules
     peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="SEQ_CLS",
                                  target_modules="all-linear" if targets == ["all-linear"] else targets)
-    return get_peft_model(model, peft_config)
+    return quiet_peft(get_peft_model, model, peft_config)
 
 
 def load_reward_model(name_or_path: str, *, dtype: torch.dtype | None = None, device=None,

@@ -120,6 +120,7 @@ def train(config: GRPOConfig) -> Path:
     if extra:
         stream.cursor = extra["prompt_cursor"]
         kl_controller.load_state_dict(extra["kl_controller"])
+        reward_set.load_state_dict(extra.get("reward_stats"))
         if baseline is not None:
             baseline.load_state_dict(extra["baseline"])
     samples = SampleWriter(run.dir, config.sample_steps, start_step=start_step, enabled=run.main)
@@ -191,6 +192,7 @@ def train(config: GRPOConfig) -> Path:
         samples.write(step + 1, rollout, batch["advantages"])
         run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=int(batch["attention_mask"].sum()),
                      extra=lambda: {"prompt_cursor": stream.cursor, "kl_controller": kl_controller.state_dict(),
+                                    "reward_stats": reward_set.state_dict(),
                                     "baseline": baseline.state_dict() if baseline else None})
 
     final_evaluation(run, sampler, reward_set, eval_prompts, config)

@@ -383,6 +383,7 @@ def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStr
     more prompts are sampled, up to `max_tries` rounds; if the batch is still short it is filled with
     dropped groups (advantage 0), so every step has the same shape. Returns (rollout to train on, every
     rollout sampled this step (for reward metrics), metrics)."""
+    reward_set.step = step + 1  # named if a reward function runs past its time limit
     local_size = batch_size // distributed.world_size()
     chunk_size = chunk_size or local_size
     first = distributed.rank() * local_size  # this rank's first prompt in the step's global batch

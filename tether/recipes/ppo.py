@@ -178,6 +178,7 @@ def train(config: PPOConfig) -> Path:
     if extra:
         stream.cursor = extra["prompt_cursor"]
         kl_controller.load_state_dict(extra["kl_controller"])
+        reward_set.load_state_dict(extra.get("reward_stats"))
         load_critic_state(extra["critic"], critic, critic_optimizer, critic_scheduler, critic_guard)
     samples = SampleWriter(run.dir, config.sample_steps, start_step=start_step, enabled=run.main)
     schedule_steps = config.schedule_steps or num_steps
@@ -252,6 +253,7 @@ def train(config: PPOConfig) -> Path:
         samples.write(step + 1, rollout)
         run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=int(batch["attention_mask"].sum()),
                      extra=lambda: {"prompt_cursor": stream.cursor, "kl_controller": kl_controller.state_dict(),
+                                    "reward_stats": reward_set.state_dict(),
                                     "critic": critic_state(critic, critic_optimizer, critic_scheduler,
                                                            critic_guard)})
 

@@ -18,18 +18,33 @@ import difflib
 import functools
 import importlib
 import inspect
+import logging
 import math
 import numbers
+import queue
+import threading
+import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tether.rewards.user import load_user_reward
 from tether.data.loading import DataError
 
+log = logging.getLogger("tether")
+
 RewardFn = Callable[..., list]
 """`reward(prompts, completions, **columns) -> list[float | None]`."""
 
 ON_INVALID_MODES = ("raise", "none")
+DEFAULT_TIME_LIMIT_S = 300.0
+"""Wall-clock seconds one reward function may take on one batch (the `time_limit_s` of a `rewards:` entry)."""
+HEARTBEAT_S = 30.0
+"""While a reward call runs longer than this, a line says which reward the step is waiting on (every 30 s)."""
+EXTRA_COLUMNS = ("completion_ids", "completion_lengths")
+"""Columns the online recipes hand to every reward besides the data's own."""
+_TETHER_DIR = str(Path(__file__).resolve().parents[1])
 
 # Built-ins by name -> "module:factory", imported on first use so that naming `code` or `judge`
 # never costs anything to someone who only uses `math`.
@@ -49,7 +64,21 @@ class RewardContractError(ValueError):
 
 
 class RewardFunctionError(RuntimeError):
-    """A reward function raised; the message names the function and the row that raised."""
+    """A reward function raised; the message names the function and the row that raised.
+
+    `frames` holds the raising code's own frames (outside tether), `"file:line in function: source"`."""
+
+    def __init__(self, message: str, frames: Sequence[str] = ()):
+        super().__init__(message)
+        self.frames = list(frames)
+
+
+class RewardTimeoutError(RuntimeError):
+    """A reward function ran past its wall-clock limit (`time_limit_s`) on one batch."""
+
+
+class RewardSpecError(ValueError):
+    """A `rewards:` entry is wrong (no name, an unknown option, a bad weight or time limit): a config error."""
 
 
 class RewardSetupError(ValueError):
@@ -113,7 +142,7 @@ def get_reward(name: str | Callable, **options) -> RewardFn:
     if callable(name):
         function = _bind_options(name, options)
         label = getattr(name, "__name__", type(name).__name__)
-        return checked_reward(function, name=label, on_invalid=on_invalid)
+        return _with_required_columns(checked_reward(function, name=label, on_invalid=on_invalid), name, options)
     if not isinstance(name, str) or not name:
         raise ValueError(f"reward name must be a non-empty string or a callable, got {name!r}")
     if name in _REGISTRY:
@@ -134,8 +163,23 @@ def get_reward(name: str | Callable, **options) -> RewardFn:
             function = _bind_options(function, options)
         else:
             label = function.__name__
-        return checked_reward(function, name=label, on_invalid=on_invalid)
-    raise ValueError(_unknown_name_message(name))
+        original = function.__wrapped__ if options else function
+        return _with_required_columns(checked_reward(function, name=label, on_invalid=on_invalid), original, options)
+    raise RewardSpecError(_unknown_name_message(name))
+
+
+def _with_required_columns(reward: RewardFn, function: Callable, options: dict) -> RewardFn:
+    """Record on `reward` the columns a user's `function` needs: its parameters after (prompts, completions)
+    with no default and not given as options. `RewardSet.check_rows` checks the data has them at load time."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return reward
+    reward.required_columns = [
+        p.name for p in parameters
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in options
+    ]
+    return reward
 
 
 def _bind_options(function: Callable, options: dict) -> Callable:
@@ -167,7 +211,7 @@ def _check_options(what: str, function: Callable, options: dict, skip: int = 0) 
             close = difflib.get_close_matches(option, valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             listed = ", ".join(valid + ["on_invalid"]) if valid else "on_invalid"
-            raise ValueError(f"{what} has no option '{option}'.{hint} Valid options: {listed}.")
+            raise RewardSpecError(f"{what} has no option '{option}'.{hint} Valid options: {listed}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +265,7 @@ def checked_reward(function: Callable, name: str, on_invalid: str = "raise") -> 
     `stats`, e.g. the math reward's timeouts, plus `invalid`) and `close()` (the function's, if any).
     """
     if on_invalid not in ON_INVALID_MODES:
-        raise ValueError(f"reward '{name}': on_invalid must be one of {ON_INVALID_MODES}, got {on_invalid!r}")
+        raise RewardSpecError(f"reward '{name}': on_invalid must be one of {ON_INVALID_MODES}, got {on_invalid!r}")
     if getattr(function, "_tether_checked", False):
         return function
 
@@ -288,12 +332,70 @@ def _locate_failure(function, name, prompts, completions, columns, batch_error) 
             function(prompts[index : index + 1], completions[index : index + 1], **_row(columns, index))
         except Exception as error:
             return RewardFunctionError(
-                f"reward '{name}' raised on row {index}: {type(error).__name__}: {error}"
+                f"reward '{name}' raised on row {index}: {type(error).__name__}: {error}", _own_frames(error)
             )
     return RewardFunctionError(
         f"reward '{name}' raised on the batch of {len(completions)} (no single row raises alone): "
-        f"{type(batch_error).__name__}: {batch_error}"
+        f"{type(batch_error).__name__}: {batch_error}", _own_frames(batch_error)
     )
+
+
+def _own_frames(error: BaseException, limit: int = 8) -> list[str]:
+    """The frames of `error`'s traceback in the user's code (not in tether), innermost last."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not frame.filename.startswith(_TETHER_DIR)]
+    return [f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+            for frame in frames[-limit:]]
+
+
+class _TimedCaller:
+    """Runs calls on one long-lived daemon thread and waits for each at most `limit_s` seconds.
+
+    A call still running at its limit is abandoned (the thread stays blocked in it; as a daemon it does not keep
+    the process alive) and `RewardTimeoutError` is raised; the next call starts a fresh thread. One thread for
+    the set's lifetime, not one per call, so processes the functions start (math worker, sandboxes) have a
+    stable parent thread."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue | None = None
+
+    def _start(self) -> None:
+        jobs = self._jobs = queue.SimpleQueue()
+
+        def serve():
+            while True:
+                call, done = jobs.get()
+                try:
+                    done.value = call()
+                except BaseException as error:  # noqa: BLE001 - handed to the waiting thread as is
+                    done.error = error
+                done.set()
+
+        self._thread = threading.Thread(target=serve, name=f"tether-reward-{self.name}", daemon=True)
+        self._thread.start()
+
+    def __call__(self, call: Callable, limit_s: float, where: str):
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
+        done = threading.Event()
+        done.value, done.error = None, None
+        self._jobs.put((call, done))
+        start = time.monotonic()
+        heartbeat = min(HEARTBEAT_S, limit_s / 4)
+        while not done.wait(min(heartbeat, max(0.0, start + limit_s - time.monotonic()))):
+            elapsed = time.monotonic() - start
+            if elapsed >= limit_s:
+                self._thread = self._jobs = None  # abandoned: blocked in the call for good
+                raise RewardTimeoutError(
+                    f"reward '{self.name}' did not return within its time limit of {limit_s:g} s{where}; the run "
+                    f"stops here (the last checkpoint is kept). Make the function faster, or raise the limit "
+                    f"with time_limit_s in its rewards entry")
+            log.info("scoring%s: waiting on reward '%s' for %.0f s (limit %g s)", where, self.name, elapsed, limit_s)
+        if done.error is not None:
+            raise done.error
+        return done.value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,31 +465,45 @@ class RewardSet:
 
         RewardSet([{"name": "math", "weight": 1.0, "timeout": 5}, {"name": "format", "weight": 0.2}])
 
-    Each entry is a dict (`name`, optional `weight` = 1.0, any other keys are options for that
-    reward), a bare name string, or a callable. Functions with the same name get `_2`, `_3`, ...
-    suffixes. A weight of 0 logs a reward without letting it into the total.
+    Each entry is a dict (`name`, optional `weight` = 1.0, optional `time_limit_s` = 300, any other keys are
+    options for that reward), a bare name string, or a callable. Functions with the same name get `_2`, `_3`,
+    ... suffixes. A weight of 0 logs a reward without letting it into the total.
+
+    Every call of every function is bounded by its `time_limit_s` (wall-clock seconds per batch): past it,
+    `RewardTimeoutError` names the function, the limit and `step` (which the training loop sets). While a
+    call runs longer than 30 s, a log line every 30 s says which reward the step is waiting on.
     """
+
+    step: int | None = None
+    """The training step being scored (set by the loop; named in a time-limit error), None outside training."""
 
     def __init__(self, specs: Sequence[dict | str | Callable]):
         if isinstance(specs, (str, dict)) or callable(specs):
             specs = [specs]
         if not specs:
-            raise ValueError("RewardSet needs at least one reward, e.g. [{'name': 'math', 'weight': 1.0}]")
+            raise RewardSpecError("RewardSet needs at least one reward, e.g. [{'name': 'math', 'weight': 1.0}]")
         self.functions: dict[str, RewardFn] = {}
         self.weights: dict[str, float] = {}
+        self.time_limits: dict[str, float] = {}
+        self._callers: dict[str, _TimedCaller] = {}
         for position, spec in enumerate(specs):
             if isinstance(spec, dict):
                 options = dict(spec)
                 if "name" not in options:
-                    raise ValueError(f"rewards[{position}] has no 'name' (got keys {sorted(options)})")
+                    raise RewardSpecError(f"rewards[{position}] has no 'name' (got keys {sorted(options)})")
                 reward_name = options.pop("name")
                 weight = options.pop("weight", 1.0)
+                time_limit = options.pop("time_limit_s", DEFAULT_TIME_LIMIT_S)
             else:
-                reward_name, weight, options = spec, 1.0, {}
+                reward_name, weight, time_limit, options = spec, 1.0, DEFAULT_TIME_LIMIT_S, {}
             if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-                raise ValueError(
+                raise RewardSpecError(
                     f"rewards[{position}] ({reward_name}): weight must be a finite number, got {weight!r}"
                 )
+            if (isinstance(time_limit, bool) or not isinstance(time_limit, numbers.Real)
+                    or not math.isfinite(time_limit) or time_limit <= 0):
+                raise RewardSpecError(f"rewards[{position}] ({reward_name}): time_limit_s must be a positive number of "
+                                 f"seconds, got {time_limit!r}")
             function = get_reward(reward_name, **options)
             label = function.__name__
             suffix = 2
@@ -396,13 +512,20 @@ class RewardSet:
                 suffix += 1
             self.functions[label] = function
             self.weights[label] = float(weight)
+            self.time_limits[label] = float(time_limit)
+            self._callers[label] = _TimedCaller(label)
 
     @property
     def names(self) -> list[str]:
         return list(self.functions)
 
     def __call__(self, prompts: Sequence, completions: Sequence, **columns) -> RewardResult:
-        per_function = {name: fn(prompts, completions, **columns) for name, fn in self.functions.items()}
+        where = f" at step {self.step}" if self.step is not None else ""
+        per_function = {
+            name: self._callers[name](functools.partial(fn, prompts, completions, **columns),
+                                      self.time_limits[name], where)
+            for name, fn in self.functions.items()
+        }
         total: list[float | None] = []
         for index in range(len(completions)):
             value: float | None = 0.0
@@ -426,11 +549,38 @@ class RewardSet:
     def check_rows(self, source: str, rows: Sequence[tuple[int, dict]]) -> None:
         """Validate the data's rows for the functions that can (a function with a `check_rows(source, rows)`
         attribute, as the code reward checks each row's `tests`), when the data is loaded: a bad row fails
-        before any sampling, with the file, row and field named. rows: (row index in the file, columns)."""
-        for function in self.functions.values():
+        before any sampling, with the file, row and field named. rows: (row index in the file, columns).
+        A user's function whose parameters name a column the data lacks (`def f(prompts, completions, solution)`)
+        is refused here too, listing the data's columns."""
+        for name, function in self.functions.items():
+            for column in getattr(function, "required_columns", ()):
+                lacking = next((index for index, columns in rows
+                                if column not in columns and column not in EXTRA_COLUMNS), None)
+                if lacking is not None:
+                    present = sorted({key for _, columns in rows for key in columns} | set(EXTRA_COLUMNS))
+                    raise DataError(source, f"reward '{name}' needs the column '{column}', which this row lacks. "
+                                            f"Columns in the data: {', '.join(present)}. Add the column, or give "
+                                            f"the parameter a default", lacking, column)
             check = getattr(function, "check_rows", None)
             if check is not None:
                 check(source, rows)
+
+    def state_dict(self) -> list[dict[str, dict[str, int]]]:
+        """Each function's cumulative counters (e.g. math `no_answer`) on every rank, in rank order, for the
+        trainer state: a resumed run goes on counting where the checkpoint was. Every rank must call it."""
+        from tether.runtime import distributed
+
+        return distributed.all_gather_object({name: dict(fn.stats) for name, fn in self.functions.items()})
+
+    def load_state_dict(self, state: list[dict[str, dict[str, int]]] | None) -> None:
+        """Restore this rank's counters from `state_dict()` (in place: the functions keep counting into the same
+        dicts). A checkpoint without them (an older one) leaves the counters as they are."""
+        from tether.runtime import distributed
+
+        if state and distributed.rank() < len(state):
+            for name, counters in state[distributed.rank()].items():
+                if name in self.functions:
+                    self.functions[name].stats.update(counters)
 
     def close(self) -> None:
         """Release what the functions hold (worker processes, models); calling them again restarts it."""

@@ -28,6 +28,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from tether.data.batching import collate_prompt_completion
+from tether.models import cache_kwargs
 from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
 
 FINISH_REASONS = ("stop", "eos", "length")
@@ -364,7 +365,7 @@ class ModelDecoder:
         """Feed one token per row at its position: tokens, positions (B,) long -> logits (B, V)."""
         self.length += 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask[:, :self.length],
-                         position_ids=positions[:, None], past_key_values=self.cache, use_cache=True)
+                         position_ids=positions[:, None], **cache_kwargs(self.model, self.cache), use_cache=True)
         return out.logits[:, -1]
 
 
@@ -422,7 +423,7 @@ class BuiltinSampler(Sampler):
         position_ids = (attention_mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # (U, P)
         cache = DynamicCache(config=self.model.config)  # the config gives sliding-window layers their window
         out = self.model(input_ids=input_ids, attention_mask=attention_mask[:, :P], position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **self._prefill_kwargs)
+                         **cache_kwargs(self.model, cache), use_cache=True, **self._prefill_kwargs)
         logits = out.logits[:, -1]  # (U, V)
 
         # n samples per prompt: repeat the cache and the last logits instead of re-encoding the prompt.

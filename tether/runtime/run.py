@@ -3,7 +3,9 @@ distributed wrapping (DDP / FSDP2), checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -46,12 +48,13 @@ class Run:
         self.config = config
         self.dir = Path(config.output_dir)
         self.main = distributed.is_main()
-        if self.main:
+        if self.main:  # config.yaml is written by `start`, once the run is accepted: a refused run changes nothing
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                save_config(config, self.dir / "config.yaml")
             except OSError as err:
                 raise OSError(err.errno, f"cannot write the run folder {self.dir}: {err.strerror}") from None
+            if not os.access(self.dir, os.W_OK):
+                raise OSError(errno.EACCES, f"cannot write the run folder {self.dir}: permission denied")
         distributed.barrier()
         self.device = choose_device(config.device)
         self.dtype = choose_dtype(config.dtype, self.device)
@@ -111,6 +114,8 @@ class Run:
                 self.guard.load_state_dict(extra.get("guard", self.guard.state_dict()))
                 log.info("resumed from %s (step %d)", path, start_step)
         self._first_step = start_step
+        if self.main:
+            write_config(self.config, self.dir / "config.yaml")
         self.logger = RunLogger(self.dir, total_steps=total_steps, start_step=start_step,
                                 report_to=self.config.report_to, progress=self.config.progress, enabled=self.main,
                                 config=to_dict(self.config))
@@ -172,6 +177,17 @@ class Run:
             self.logger.close()
         distributed.barrier()
         return final
+
+
+def write_config(config, path: Path) -> None:
+    """Write the resolved config to `path` atomically (a temporary file renamed over it): a reader sees the old
+    file or the new one, never a half-written one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        save_config(config, temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the run folder {path.parent}: {err.strerror}") from None
 
 
 def _whole(value):
