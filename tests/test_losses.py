@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
+from tether.kl_control import AdaptiveKLController, FixedKLController
 from tether.losses import (
-    AdaptiveKLController,
-    FixedKLController,
     PREFERENCE_LOSSES,
     bradley_terry_loss,
     clipped_policy_loss,
