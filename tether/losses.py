@@ -27,6 +27,27 @@ def _detached(**values: Tensor) -> Metrics:
     return {name: value.detach() for name, value in values.items()}
 
 
+class Registry(dict):
+    """One family of functions with one signature, by name: `@family.register(name)` above a function adds
+    it, `family.lookup(name)` returns it or raises ValueError listing the valid names."""
+
+    def __init__(self, family: str):
+        super().__init__()
+        self.family = family
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        def add(fn: Callable) -> Callable:
+            self[name] = fn
+            return fn
+
+        return add
+
+    def lookup(self, name: str) -> Callable[..., tuple[Tensor, Metrics]]:
+        if name not in self:
+            raise ValueError(f"unknown {self.family} {name!r}; valid: {', '.join(sorted(self))}")
+        return self[name]
+
+
 # --------------------------------------------------------------------------- SFT and reward model
 
 
@@ -76,21 +97,9 @@ def bradley_terry_loss(
 # and log the implicit rewards beta * (log pi - log pi_ref) of the summed log-probs
 # (Rafailov et al. 2023, eq. 5) whatever the loss.
 
-PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {}
-
-
-def register_preference_loss(name: str):
-    def add(fn):
-        PREFERENCE_LOSSES[name] = fn
-        return fn
-
-    return add
-
-
-def get_preference_loss(name: str) -> Callable[..., tuple[Tensor, Metrics]]:
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; valid: {', '.join(sorted(PREFERENCE_LOSSES))}")
-    return PREFERENCE_LOSSES[name]
+PREFERENCE_LOSSES = Registry("preference loss")
+register_preference_loss = PREFERENCE_LOSSES.register
+get_preference_loss = PREFERENCE_LOSSES.lookup
 
 
 def accepted_kwargs(fn: Callable, **candidates: object) -> dict[str, object]:
@@ -121,11 +130,8 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected
 
 
 @register_preference_loss("dpo")
-def dpo_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-    beta: float, label_smoothing: float = 0.0, chosen_lengths: Optional[Tensor] = None,
-    rejected_lengths: Optional[Tensor] = None,
-) -> tuple[Tensor, Metrics]:
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+             label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None):
     """DPO, Rafailov et al. 2023, eq. 7: -log sigma(beta h), mean over pairs.
 
     label_smoothing eps > 0 gives conservative DPO (`cdpo_loss`), as TRL's loss_type="sigmoid" does.
@@ -139,11 +145,8 @@ def dpo_loss(
 
 
 @register_preference_loss("cdpo")
-def cdpo_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-    beta: float, label_smoothing: float = 0.0, chosen_lengths: Optional[Tensor] = None,
-    rejected_lengths: Optional[Tensor] = None,
-) -> tuple[Tensor, Metrics]:
+def cdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+              label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None):
     """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
     -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), eps = label_smoothing the chance a label is flipped.
 
@@ -155,11 +158,8 @@ def cdpo_loss(
 
 
 @register_preference_loss("robust")
-def robust_dpo_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-    beta: float, label_smoothing: float = 0.0, chosen_lengths: Optional[Tensor] = None,
-    rejected_lengths: Optional[Tensor] = None,
-) -> tuple[Tensor, Metrics]:
+def robust_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+                    label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None):
     """Robust DPO, Chowdhury et al. 2024: [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps).
 
     Unbiased under a label-flip rate eps = label_smoothing, 0 <= eps < 1/2; eps = 0 is DPO.
@@ -174,10 +174,8 @@ def robust_dpo_loss(
 
 
 @register_preference_loss("hinge")
-def hinge_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-    beta: float, chosen_lengths: Optional[Tensor] = None, rejected_lengths: Optional[Tensor] = None,
-) -> tuple[Tensor, Metrics]:
+def hinge_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+               chosen_lengths=None, rejected_lengths=None):
     """SLiC-style hinge on the DPO log-ratio (Zhao et al. 2023; the log-ratio against the reference, as TRL):
     max(0, 1 - beta h), mean over pairs."""
     ratio_w, ratio_l = _log_ratios("hinge", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -186,10 +184,8 @@ def hinge_loss(
 
 
 @register_preference_loss("ipo")
-def ipo_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *,
-    beta: float, chosen_lengths: Tensor, rejected_lengths: Tensor,
-) -> tuple[Tensor, Metrics]:
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+             chosen_lengths, rejected_lengths):
     """IPO, Azar et al. 2023 (the sampled IPO loss): (h_bar - 1/(2 tau))^2, mean over pairs; beta is their tau.
 
     h_bar uses LENGTH-AVERAGED log-ratios, as TRL does (its loss_type="ipo" divides the policy and reference
@@ -321,30 +317,23 @@ def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
 #   fn(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip, agg_mode,
 #      num_tokens, num_seqs, max_len) -> (loss, metrics)
 # logprobs, old_logprobs, mask (B, T); advantages (B,) per sequence or (B, T) per token. They differ only in
-# the importance ratio; the clipped objective on that ratio is `_clipped_surrogate`.
+# the importance ratio; the clipped objective on that ratio, and its keywords, are `clipped_surrogate`'s.
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {}
-
-
-def register_policy_loss(name: str):
-    def add(fn):
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return add
+POLICY_LOSSES = Registry("policy loss")
+register_policy_loss = POLICY_LOSSES.register
+get_policy_loss = POLICY_LOSSES.lookup
 
 
-def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, Metrics]]:
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(sorted(POLICY_LOSSES))}")
-    return POLICY_LOSSES[name]
-
-
-def _clipped_surrogate(
-    log_ratio: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float, clip_high: float,
-    dual_clip: Optional[float], agg_mode: str, num_tokens: Count, num_seqs: Count, max_len: Optional[int],
+def clipped_surrogate(
+    log_ratio: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+    dual_clip: Optional[float] = None, agg_mode: str = "token_mean", num_tokens: Count = None,
+    num_seqs: Count = None, max_len: Optional[int] = None,
 ) -> tuple[Tensor, Metrics]:
     """The clipped objective (Schulman et al. 2017, eq. 7) on given log-ratios log r (B, T), as a loss.
+
+    The policy losses differ only in the ratio they hand it; they pass their keyword options through, so
+    a keyword not declared here is a TypeError naming it. agg_mode and the GLOBAL counts num_tokens,
+    num_seqs, max_len go to `ops.aggregate`.
 
     clip_low / clip_high: separate epsilons (DAPO clip-higher, Yu et al. 2025, eq. 10).
     dual_clip c > 1: for A < 0 the loss is also capped at -c * A (Ye et al. 2020); None = off.
@@ -377,33 +366,25 @@ def _clipped_surrogate(
 
 
 @register_policy_loss("ppo")
-def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: Optional[float] = None,
-    agg_mode: str = "token_mean", num_tokens: Count = None, num_seqs: Count = None, max_len: Optional[int] = None,
-) -> tuple[Tensor, Metrics]:
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    **options: object) -> tuple[Tensor, Metrics]:
     """PPO clipped surrogate with one ratio per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
-    max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)), r_t = pi(a_t | s_t) / pi_old(a_t | s_t)."""
+    max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)), r_t = pi(a_t | s_t) / pi_old(a_t | s_t).
+    options: those of `clipped_surrogate` (clip_low, clip_high, dual_clip, agg_mode, counts)."""
     log_ratio = logprobs - old_logprobs  # (B, T) log r_t
-    return _clipped_surrogate(log_ratio, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                              dual_clip=dual_clip, agg_mode=agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-                              max_len=max_len)
+    return clipped_surrogate(log_ratio, advantages, mask, **options)
 
 
 @register_policy_loss("gspo")
-def gspo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: Optional[float] = None,
-    agg_mode: str = "token_mean", num_tokens: Count = None, num_seqs: Count = None, max_len: Optional[int] = None,
-) -> tuple[Tensor, Metrics]:
+def gspo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                     **options: object) -> tuple[Tensor, Metrics]:
     """GSPO (Zheng et al. 2025): one ratio per sequence, s_i = (pi(y_i | x) / pi_old(y_i | x))^(1/|y_i|)
     = exp(mean_t (log pi - log pi_old)), broadcast to its tokens and clipped as in PPO. With
-    agg_mode="seq_mean_token_mean" this is exactly the paper's sequence objective."""
+    agg_mode="seq_mean_token_mean" this is exactly the paper's sequence objective.
+    options: those of `clipped_surrogate`."""
     log_s = masked_mean(logprobs - old_logprobs, mask, dim=-1)  # (B,) log s_i, GSPO (Zheng et al. 2025)
     log_ratio = log_s.unsqueeze(-1).expand_as(logprobs)  # (B, T)
-    return _clipped_surrogate(log_ratio, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                              dual_clip=dual_clip, agg_mode=agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
-                              max_len=max_len)
+    return clipped_surrogate(log_ratio, advantages, mask, **options)
 
 
 # The online configs' `importance_level` names the policy loss: one ratio per token or per sequence.
