@@ -11,6 +11,7 @@ from tether.advantages import (
     get_advantage_estimator,
     kl_shaped_token_rewards,
 )
+from tether.losses import accepted_kwargs
 
 NAN = float("nan")
 
@@ -129,6 +130,32 @@ def test_estimator_errors():
         get_advantage_estimator("gae")
 
 
+# Each estimator declares the keywords it reads; grpo's recipe holds one set (std, baseline) and passes
+# each estimator `accepted_kwargs(estimator, std=..., baseline=...)`.
+DECLARED_KEYWORDS = {"grpo": {"eps", "std"}, "dr_grpo": set(), "rloo": set(), "reinforce_pp": {"eps", "std"},
+                     "reinforce_pp_baseline": {"eps", "std"}, "reinforce": {"baseline"}}
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_estimators_reject_unknown_keywords(name):
+    """A misspelt keyword is a TypeError naming it; so is one the estimator does not read (rloo has no std).
+    The recipe's uniform call, filtered by accepted_kwargs, works for every estimator: on (1, 1, 0) grpo with
+    the sample std gives (0.577350, 0.577350, -1.154701), reinforce with baseline 0.5 gives (0.5, 0.5, -0.5)."""
+    estimator = get_advantage_estimator(name)
+    with pytest.raises(TypeError, match="baselin"):
+        estimator(t(1, 1, 0), 3, baselin=0.5)
+    knobs = accepted_kwargs(estimator, std="sample", baseline=0.5, eps=1e-6)
+    assert set(knobs) == DECLARED_KEYWORDS[name]
+    advantages, _ = estimator(t(1, 1, 0), 3, **accepted_kwargs(estimator, std="sample", baseline=0.5))
+    if name == "grpo":
+        assert_values(advantages, [0.577350, 0.577350, -1.154701])
+    if name == "reinforce":
+        assert_values(advantages, [0.5, 0.5, -0.5])
+    if "std" not in DECLARED_KEYWORDS[name]:
+        with pytest.raises(TypeError, match="std"):
+            estimator(t(1, 1, 0), 3, std="sample")
+
+
 # --------------------------------------------------------------------------- GAE
 
 
@@ -196,3 +223,15 @@ def test_kl_shaped_token_rewards():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 0, 0]])
     rewards = kl_shaped_token_rewards(t(2.0, -1.0, 3.0, 5.0), kl, mask, beta=0.1)
     assert_values(rewards, [[-0.01, -0.02, 1.97], [-0.05, -1.04, 0.0], [0.0, -0.01, 2.99], [0.0, 0.0, 0.0]])
+
+
+def test_kl_in_the_reward_is_the_shaped_rewards_summed():
+    """GRPO's kl_penalty=reward: each completion's reward r - beta * sum_t KL_t is the sum of its InstructGPT
+    token rewards. beta = 0.1: row 0, r = 2, KL (0.1, 0.2, 0.3) -> 2 - 0.06 = 1.94; row 1, r = -1, KL (0.5, 0.4)
+    with a padded 9.9 -> -1 - 0.09 = -1.09; row 2, r = NaN (cannot judge) stays NaN, so it is still left out
+    of the group baseline."""
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.4, 9.9], [0.1, 0.1, 0.1]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    rewards = kl_shaped_token_rewards(t(2.0, -1.0, NAN), kl, mask, beta=0.1).sum(-1)
+    assert_values(rewards[:2], [1.94, -1.09])
+    assert torch.isnan(rewards[2])

@@ -13,7 +13,7 @@ import torch
 from tether.cli import main as cli_main
 from tether.config import ConfigError, load_config
 from tether.data.preference import UnpairedExample, build_preference_pairs, build_unpaired_examples
-from tether.losses import get_preference_loss
+from tether.losses import accepted_kwargs, get_preference_loss
 from tether.models import LoraConfig, load
 from tether.recipes.dpo import (
     DPOConfig,
@@ -95,9 +95,9 @@ def test_implicit_reward_is_beta_times_log_ratio(pairs, tokenizer):
         ref = Reference(policy, reference_model).logps(pair_logps, pairs, tokenizer.pad_token_id, "cpu")
     ratio_w, ratio_l = logps[:n] - ref[:n], logps[n:] - ref[n:]
     for name in ("dpo", "cdpo", "robust", "hinge", "ipo"):
-        loss, metrics = get_preference_loss(name)(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta,
-                                                  chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
-                                                  label_smoothing=0.1)
+        loss_fn = get_preference_loss(name)  # hinge and ipo take no label_smoothing
+        loss, metrics = loss_fn(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta, chosen_lengths=lengths[:n],
+                                rejected_lengths=lengths[n:], **accepted_kwargs(loss_fn, label_smoothing=0.1))
         assert float(metrics["rewards_chosen"]) == pytest.approx(float((beta * ratio_w).mean()), abs=1e-6)
         assert float(metrics["rewards_rejected"]) == pytest.approx(float((beta * ratio_l).mean()), abs=1e-6)
         assert float(metrics["rewards_margin"]) == pytest.approx(float((beta * (ratio_w - ratio_l)).mean()), abs=1e-6)

@@ -1,23 +1,37 @@
 """tether.losses against values worked out by hand (derivations in each docstring), plus
-gradient checks where a loss must cut the gradient (PPO clipping) and a micro-batch test."""
+gradient checks where a loss must cut the gradient (PPO clipping), a micro-batch test, the
+registries (each name a named function; unknown keywords a TypeError) and tether.kl_control."""
 
 import math
 
 import pytest
 import torch
 
+from tether.kl_control import AdaptiveKLController, FixedKLController
 from tether.losses import (
-    AdaptiveKLController,
-    FixedKLController,
+    IMPORTANCE_LEVELS,
+    POLICY_LOSSES,
     PREFERENCE_LOSSES,
+    accepted_kwargs,
     bradley_terry_loss,
+    cdpo_loss,
     clipped_policy_loss,
     distill_loss,
+    dpo_loss,
     entropy_bonus,
+    get_policy_loss,
     get_preference_loss,
+    gspo_policy_loss,
+    hinge_loss,
+    ipo_loss,
     kl_estimate,
     kto_loss,
+    orpo_loss,
+    ppo_policy_loss,
+    robust_dpo_loss,
+    sequence_kl,
     sft_loss,
+    simpo_loss,
     value_loss,
 )
 from tether.ops import token_logprobs
@@ -153,6 +167,40 @@ def test_preference_registry_errors():
     assert {"dpo", "ipo", "cdpo", "robust", "hinge", "simpo", "orpo"} <= set(PREFERENCE_LOSSES)
 
 
+def test_each_preference_loss_is_a_named_function():
+    """The registry maps each name to its function; the same call through either gives the same value
+    (the seeds' pair: DPO 0.658760, cDPO/robust at eps 0.1: 0.665760 / 0.650010, hinge 0.93, IPO 0.1225)."""
+    assert PREFERENCE_LOSSES == {"dpo": dpo_loss, "cdpo": cdpo_loss, "robust": robust_dpo_loss, "hinge": hinge_loss,
+                                 "ipo": ipo_loss, "simpo": simpo_loss, "orpo": orpo_loss}
+    close(dpo_loss(**SEEDS_PAIR, beta=0.1)[0], 0.658760)
+    close(cdpo_loss(**SEEDS_PAIR, beta=0.1, label_smoothing=0.1)[0], 0.665760)
+    close(cdpo_loss(**SEEDS_PAIR, beta=0.1)[0], 0.658760)  # eps 0 is DPO
+    close(robust_dpo_loss(**SEEDS_PAIR, beta=0.1, label_smoothing=0.1)[0], 0.650010)
+    close(hinge_loss(**SEEDS_PAIR, beta=0.1)[0], 0.93)
+    close(ipo_loss(**SEEDS_PAIR, beta=1.0)[0], 0.1225)
+    # DPO ignores the lengths, which every member accepts so that one call serves the family
+    pair = {k: v for k, v in SEEDS_PAIR.items() if not k.endswith("lengths")}
+    close(dpo_loss(**pair, beta=0.1)[0], 0.658760)
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
+def test_preference_losses_reject_unknown_keywords(name):
+    """A misspelt knob is a TypeError naming it, never silently ignored; so is a knob the loss does not read
+    (IPO has no label smoothing). `accepted_kwargs` hands a loss only the knobs it declares."""
+    loss_fn = get_preference_loss(name)
+    with pytest.raises(TypeError, match="label_smothing"):
+        loss_fn(**SEEDS_PAIR, beta=0.1, label_smothing=0.1)
+    knobs = dict(beta=0.1, label_smoothing=0.0, gamma=0.5, orpo_lambda=None)
+    expected = {"dpo": {"beta", "label_smoothing"}, "cdpo": {"beta", "label_smoothing"},
+                "robust": {"beta", "label_smoothing"}, "hinge": {"beta"}, "ipo": {"beta"},
+                "simpo": {"beta", "gamma"}, "orpo": {"beta", "orpo_lambda"}}[name]
+    assert set(accepted_kwargs(loss_fn, **knobs)) == expected
+    loss_fn(**SEEDS_PAIR, **accepted_kwargs(loss_fn, **knobs))  # the recipe's call works for every member
+    if name in ("hinge", "ipo"):
+        with pytest.raises(TypeError, match="label_smoothing"):
+            loss_fn(**SEEDS_PAIR, beta=0.1, label_smoothing=0.1)
+
+
 def test_kto_hand_value():
     """beta = 0.1, z = 0.5, r = (-1 - -2, -3 - -2) = (1, -1), labels (desirable, undesirable),
     w_d = 1, w_u = 2:
@@ -198,6 +246,19 @@ def test_kl_estimators_hand_values_and_exact_expectations():
     assert (kl_estimate(p.log(), q.log(), "k1") < 0).any()  # k1 can be negative per token
     with pytest.raises(ValueError, match="k3"):
         kl_estimate(p, q, "k4")
+
+
+def test_sequence_kl_hand_value():
+    """k1 summed over each completion's tokens: row 0, log pi = (-1, -2, pad) and log pi_ref = (-1.5, -1, pad):
+    0.5 + (-1) = -0.5 (the padding, even a NaN there, is left out); row 1 (-0.2, -0.3, -0.4) against
+    (-0.7, -0.5, -0.6): 0.5 + 0.2 + 0.2 = 0.9; a row with no tokens: 0."""
+    logprobs = torch.tensor([[-1.0, -2.0, math.nan], [-0.2, -0.3, -0.4], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, 0.0], [-0.7, -0.5, -0.6], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    torch.testing.assert_close(sequence_kl(logprobs, ref_logprobs, mask), t(-0.5, 0.9, 0.0))
+    # it is the token k1 estimate summed: the same number kl_estimate(.., "k1") gives token by token
+    torch.testing.assert_close(sequence_kl(logprobs[1:2], ref_logprobs[1:2], mask[1:2]),
+                               kl_estimate(logprobs[1:2], ref_logprobs[1:2], "k1").sum(-1))
 
 
 # --------------------------------------------------------------------------- PPO policy loss
@@ -276,6 +337,46 @@ def test_policy_loss_microbatches_sum_to_full_batch():
         halves = sum(clipped_policy_loss(logprobs[s], old[s], advantages[s], mask[s], **counts)[0]
                      for s in (slice(0, 2), slice(2, 4)))
         torch.testing.assert_close(halves, full)
+
+
+def test_ppo_and_gspo_are_registered_policy_losses():
+    """One sequence, log-ratios (0.3, -0.1), A = 1, eps = 0.2, token mean.
+    PPO, a ratio per token: e^0.3 = 1.349859 is clipped to 1.2; e^-0.1 = 0.904837 is not:
+    loss = -(1.2 + 0.904837) / 2 = -1.052419.
+    GSPO, one ratio per sequence: s = exp(mean(0.3, -0.1)) = e^0.1 = 1.105171, inside the clip range:
+    loss = -1.105171 on both tokens, mean -1.105171.
+    clipped_policy_loss(importance_level=...) is a lookup of the same two functions."""
+    assert POLICY_LOSSES == {"ppo": ppo_policy_loss, "gspo": gspo_policy_loss}
+    assert {level: get_policy_loss(name) for level, name in IMPORTANCE_LEVELS.items()} == {
+        "token": ppo_policy_loss, "sequence": gspo_policy_loss}
+    logprobs, old, mask = t(0.3, -0.1).view(1, 2), torch.zeros(1, 2), torch.ones(1, 2)
+    ppo, ppo_metrics = get_policy_loss("ppo")(logprobs, old, t(1.0), mask)
+    gspo, gspo_metrics = get_policy_loss("gspo")(logprobs, old, t(1.0), mask)
+    close(ppo, -1.052419)
+    close(gspo, -1.105171)
+    close(ppo_metrics["clip_frac_high"], 0.5)
+    assert gspo_metrics["clip_frac_high"].item() == 0.0
+    close(clipped_policy_loss(logprobs, old, t(1.0), mask)[0], -1.052419)
+    close(clipped_policy_loss(logprobs, old, t(1.0), mask, importance_level="sequence")[0], -1.105171)
+    # dual clip is an explicit keyword of either: A = -1, GSPO ratio e^1.5 = 4.481689 > c = 3 -> capped at 3
+    close(gspo_policy_loss(t(1.0, 2.0).view(1, 2), old, t(-1.0), mask, dual_clip=3.0)[0], 3.0)
+    with pytest.raises(ValueError, match="gspo"):
+        get_policy_loss("grpo")
+    with pytest.raises(ValueError, match="sequence"):
+        clipped_policy_loss(logprobs, old, t(1.0), mask, importance_level="segment")
+
+
+@pytest.mark.parametrize("loss_fn", [ppo_policy_loss, gspo_policy_loss, clipped_policy_loss, value_loss,
+                                     sft_loss, entropy_bonus])
+def test_ppo_family_rejects_unknown_keywords(loss_fn):
+    """A misspelt keyword (here `dual_clips`) is a TypeError naming it, also through the clipped_policy_loss lookup."""
+    x = torch.zeros(1, 2)
+    args = {ppo_policy_loss: (x, x, t(1.0), x), gspo_policy_loss: (x, x, t(1.0), x),
+            clipped_policy_loss: (x, x, t(1.0), x), value_loss: (x, x, x, x), sft_loss: (x, x),
+            entropy_bonus: (x, x)}[loss_fn]
+    extra = {"coef": 0.1} if loss_fn is entropy_bonus else {}
+    with pytest.raises(TypeError, match="dual_clips"):
+        loss_fn(*args, dual_clips=3.0, **extra)
 
 
 # --------------------------------------------------------------------------- value, entropy, distill

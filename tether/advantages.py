@@ -4,13 +4,16 @@ KL-shaped per-token rewards.
 
 Outcome estimators share one signature, looked up with `get_advantage_estimator`:
 
-    fn(rewards, group_size, *, eps=1e-6, std="population", **kw) -> (advantages (N,), metrics)
+    fn(rewards, group_size, *, <the keywords it reads>) -> (advantages (N,), metrics)
 
 rewards (N,) = (B * G,) laid out group by group: rows [g*G : (g+1)*G] are the G completions
 of prompt g. A reward of None ("cannot judge") is NaN here: it is left out of every baseline
 and statistic and its advantage is 0. A group of one, or a group whose remaining rewards
-are all equal, gets advantage 0 (never NaN). Each estimator reads the keywords it knows
-and ignores the rest. Imports only torch.
+are all equal, gets advantage 0 (never NaN). Each estimator declares the keywords it reads
+(eps, std for the normalising ones, baseline for reinforce); any other is a TypeError naming it.
+A recipe that holds one set of knobs for every estimator passes
+`tether.losses.accepted_kwargs(estimator, std=..., baseline=...)`.
+Imports only torch and tether.ops (which imports only torch).
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def _finish(advantages: Tensor, r: Tensor, valid: Tensor, zero_groups: Tensor) -
 
 @register_advantage_estimator("grpo")
 def grpo_advantages(
-    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population", **_: object
-):
+    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population"
+) -> tuple[Tensor, Metrics]:
     """A_i = (r_i - mean(r)) / (std(r) + eps) within each group (Shao et al. 2024, eq. 3).
 
     std="population" divides by G (torch unbiased=False; TRL and verl use the sample std,
@@ -106,9 +109,7 @@ def grpo_advantages(
 
 
 @register_advantage_estimator("dr_grpo")
-def dr_grpo_advantages(
-    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population", **_: object
-):
+def dr_grpo_advantages(rewards: Tensor, group_size: int) -> tuple[Tensor, Metrics]:
     """A_i = r_i - mean(r): GRPO without the std division (Dr. GRPO, Liu et al. 2025)."""
     r, valid, _count = _grouped(rewards, group_size)
     mean = masked_mean(r, valid, dim=-1).unsqueeze(-1)  # (B, 1)
@@ -116,9 +117,7 @@ def dr_grpo_advantages(
 
 
 @register_advantage_estimator("rloo")
-def rloo_advantages(
-    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population", **_: object
-):
+def rloo_advantages(rewards: Tensor, group_size: int) -> tuple[Tensor, Metrics]:
     """A_i = r_i - mean_{j != i} r_j, leave-one-out baseline (Ahmadian et al. 2024)."""
     r, valid, count = _grouped(rewards, group_size)
     others_sum = masked_sum(r, valid, dim=-1).unsqueeze(-1) - r  # (B, G) sum of the other valid rewards
@@ -128,8 +127,8 @@ def rloo_advantages(
 
 @register_advantage_estimator("reinforce_pp")
 def reinforce_pp_advantages(
-    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population", **_: object
-):
+    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population"
+) -> tuple[Tensor, Metrics]:
     """REINFORCE++ (Hu 2025): no per-prompt baseline; rewards normalised over the whole batch,
     (r - mean_batch) / (std_batch + eps). The zero rule applies to the batch: if every valid
     reward in the batch is equal, all advantages are 0. group_size only shapes the metrics.
@@ -147,8 +146,8 @@ def reinforce_pp_advantages(
 
 @register_advantage_estimator("reinforce_pp_baseline")
 def reinforce_pp_baseline_advantages(
-    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population", **_: object
-):
+    rewards: Tensor, group_size: int, *, eps: float = 1e-6, std: str = "population"
+) -> tuple[Tensor, Metrics]:
     """REINFORCE++-baseline (Hu 2025; OpenRLHF `reinforce_baseline`): subtract the group mean,
     then normalise by the std of those differences over the whole batch."""
     r, valid, _count = _grouped(rewards, group_size)
@@ -161,7 +160,9 @@ def reinforce_pp_baseline_advantages(
 
 
 @register_advantage_estimator("reinforce")
-def reinforce_advantages(rewards: Tensor, group_size: int, *, baseline: float | Tensor = 0.0, **_: object):
+def reinforce_advantages(
+    rewards: Tensor, group_size: int, *, baseline: float | Tensor = 0.0
+) -> tuple[Tensor, Metrics]:
     """A_i = r_i - b with a baseline b from earlier batches (Williams 1992).
 
     The recipe keeps a `RunningMeanBaseline` and calls

@@ -1,27 +1,51 @@
 """Pure loss functions: SFT, Bradley-Terry, the DPO family, KTO, KL estimators,
-PPO policy / value / entropy terms, distillation, and KL-coefficient controllers.
+PPO policy (PPO, GSPO) / value / entropy terms, and distillation.
 
 Every loss returns `(loss, metrics)`; metrics are detached tensors (local to the
-batch given, never `.item()`-ed here). Hyperparameters are keyword arguments.
-Families with one signature are looked up by name: `get_preference_loss`,
-`get_kl_estimator`. Imports only torch (and tether.ops, which imports only torch).
+batch given, never `.item()`-ed here). Hyperparameters are keyword arguments, and
+one a function does not declare is a TypeError. Families with one signature are
+looked up by name: `get_preference_loss`, `get_policy_loss`, `get_kl_estimator`.
+Imports only torch (and tether.ops, which imports only torch). The stateful KL
+coefficient controllers live in `tether.kl_control`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tether.ops import Count, aggregate, kl_from_logits, masked_mean, masked_var
+from tether.ops import Count, aggregate, kl_from_logits, masked_mean, masked_sum, masked_var
 
 Metrics = dict[str, Tensor]
 
 
 def _detached(**values: Tensor) -> Metrics:
     return {name: value.detach() for name, value in values.items()}
+
+
+class Registry(dict):
+    """One family of functions with one signature, by name: `@family.register(name)` above a function adds
+    it, `family.lookup(name)` returns it or raises ValueError listing the valid names."""
+
+    def __init__(self, family: str):
+        super().__init__()
+        self.family = family
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        def add(fn: Callable) -> Callable:
+            self[name] = fn
+            return fn
+
+        return add
+
+    def lookup(self, name: str) -> Callable[..., tuple[Tensor, Metrics]]:
+        if name not in self:
+            raise ValueError(f"unknown {self.family} {name!r}; valid: {', '.join(sorted(self))}")
+        return self[name]
 
 
 # --------------------------------------------------------------------------- SFT and reward model
@@ -62,26 +86,31 @@ def bradley_terry_loss(
 
 
 # --------------------------------------------------------------------------- DPO family
-# One signature: fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-#   chosen_lengths, rejected_lengths, **knobs) -> (loss, metrics). *_logps are (B,) SUMMED
-#   completion log-probs, lengths (B,) token counts. Each loss reads the knobs it knows and
-#   ignores the rest, so a recipe can pass its whole set of knobs to any of them.
+# One signature, looked up by name with `get_preference_loss`:
+#   fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+#      chosen_lengths=None, rejected_lengths=None, <its own knobs>) -> (loss, metrics)
+# *_logps are (B,) SUMMED completion log-probs, *_lengths (B,) completion token counts; every member
+# accepts the lengths, the length-normalised ones need them. A knob a loss does not declare is a
+# TypeError: a recipe holding one set of knobs for the family passes `accepted_kwargs(fn, **knobs)`.
+# The reference-based losses are functions of one number per pair,
+#   h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))   (B,)
+# and log the implicit rewards beta * (log pi - log pi_ref) of the summed log-probs
+# (Rafailov et al. 2023, eq. 5) whatever the loss.
 
-PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {}
+PREFERENCE_LOSSES = Registry("preference loss")
+register_preference_loss = PREFERENCE_LOSSES.register
+get_preference_loss = PREFERENCE_LOSSES.lookup
 
 
-def register_preference_loss(name: str):
-    def add(fn):
-        PREFERENCE_LOSSES[name] = fn
-        return fn
+def accepted_kwargs(fn: Callable, **candidates: object) -> dict[str, object]:
+    """The keyword arguments among `candidates` that `fn` declares.
 
-    return add
-
-
-def get_preference_loss(name: str) -> Callable[..., tuple[Tensor, Metrics]]:
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss {name!r}; valid: {', '.join(sorted(PREFERENCE_LOSSES))}")
-    return PREFERENCE_LOSSES[name]
+    For a recipe that holds one set of knobs for a whole family (dpo's beta, label_smoothing, gamma, ...;
+    grpo's std= and baseline= for any estimator): each member gets only what it reads, while a direct call
+    with a keyword the function does not declare stays a TypeError naming it.
+    """
+    declared = inspect.signature(fn).parameters
+    return {name: value for name, value in candidates.items() if name in declared}
 
 
 def _log_ratios(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
@@ -100,61 +129,78 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected
     )
 
 
-def _reference_loss(name: str, per_pair: Callable[..., Tensor], *, length_normalised: bool = False):
-    """Build a reference-based loss from per_pair(h) where h = chosen - rejected log-ratio (B,).
+@register_preference_loss("dpo")
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+             label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None):
+    """DPO, Rafailov et al. 2023, eq. 7: -log sigma(beta h), mean over pairs.
 
-    Implicit rewards in the metrics are always beta * (log pi - log pi_ref) of the summed
-    log-probs (Rafailov et al. 2023, eq. 5), whatever the loss.
+    label_smoothing eps > 0 gives conservative DPO (`cdpo_loss`), as TRL's loss_type="sigmoid" does.
+    Lengths are not used.
     """
-
-    def loss_fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-                chosen_lengths, rejected_lengths, **knobs):
-        ratio_w, ratio_l = _log_ratios(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        if length_normalised:
-            h = ratio_w / chosen_lengths.clamp(min=1) - ratio_l / rejected_lengths.clamp(min=1)  # (B,)
-        else:
-            h = ratio_w - ratio_l  # (B,)
-        loss = per_pair(h, beta=beta, **knobs).mean()
-        return loss, _preference_metrics(beta * ratio_w, beta * ratio_l, chosen_logps, rejected_logps)
-
-    loss_fn.__name__ = name
-    return register_preference_loss(name)(loss_fn)
+    ratio_w, ratio_l = _log_ratios("dpo", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = ratio_w - ratio_l  # (B,)
+    eps = label_smoothing  # eps = 0: DPO eq. 7; eps > 0: cDPO (Mitchell 2023)
+    losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)  # (B,)
+    return losses.mean(), _preference_metrics(beta * ratio_w, beta * ratio_l, chosen_logps, rejected_logps)
 
 
-def _sigmoid(h: Tensor, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
-    # DPO, Rafailov et al. 2023, eq. 7: -log sigma(beta h). With label noise eps > 0 this is
-    # conservative DPO (cDPO, Mitchell 2023): -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
-    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+@register_preference_loss("cdpo")
+def cdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+              label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None):
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+    -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), eps = label_smoothing the chance a label is flipped.
+
+    The cross-entropy of DPO's sigma(beta h) against the soft label (1 - eps, eps); it is `dpo_loss` with
+    label_smoothing, registered under its own name. eps = 0 is DPO.
+    """
+    return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+                    label_smoothing=label_smoothing)
 
 
-def _robust(h: Tensor, *, beta: float, label_smoothing: float = 0.0, **_: object) -> Tensor:
+@register_preference_loss("robust")
+def robust_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+                    label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None):
+    """Robust DPO, Chowdhury et al. 2024: [-(1 - eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps).
+
+    Unbiased under a label-flip rate eps = label_smoothing, 0 <= eps < 1/2; eps = 0 is DPO.
+    """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    eps = label_smoothing  # unbiased loss under flip rate eps, Chowdhury et al. 2024
-    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    ratio_w, ratio_l = _log_ratios("robust", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h = ratio_w - ratio_l  # (B,)
+    eps = label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)  # (B,)
+    return losses.mean(), _preference_metrics(beta * ratio_w, beta * ratio_l, chosen_logps, rejected_logps)
 
 
-def _hinge(h: Tensor, *, beta: float, **_: object) -> Tensor:
-    return torch.relu(1 - beta * h)  # SLiC-style hinge on the DPO log-ratio (Zhao et al. 2023)
+@register_preference_loss("hinge")
+def hinge_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+               chosen_lengths=None, rejected_lengths=None):
+    """SLiC-style hinge on the DPO log-ratio (Zhao et al. 2023; the log-ratio against the reference, as TRL):
+    max(0, 1 - beta h), mean over pairs."""
+    ratio_w, ratio_l = _log_ratios("hinge", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = torch.relu(1 - beta * (ratio_w - ratio_l))  # (B,)
+    return losses.mean(), _preference_metrics(beta * ratio_w, beta * ratio_l, chosen_logps, rejected_logps)
 
 
-def _ipo(h: Tensor, *, beta: float, **_: object) -> Tensor:
-    return (h - 1 / (2 * beta)) ** 2  # IPO, Azar et al. 2023: (h - 1/(2 tau))^2, beta is their tau
+@register_preference_loss("ipo")
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+             chosen_lengths, rejected_lengths):
+    """IPO, Azar et al. 2023 (the sampled IPO loss): (h_bar - 1/(2 tau))^2, mean over pairs; beta is their tau.
 
-
-_reference_loss("dpo", _sigmoid)  # honours label_smoothing like TRL's "sigmoid"
-_reference_loss("cdpo", _sigmoid)
-_reference_loss("robust", _robust)
-_reference_loss("hinge", _hinge)
-# IPO uses LENGTH-AVERAGED log-ratios, as TRL does (its loss_type="ipo" divides the policy and
-# reference log-probs by the completion length); with summed log-probs the 1/(2 beta) target
-# would be a per-sequence margin that grows with length.
-_reference_loss("ipo", _ipo, length_normalised=True)
+    h_bar uses LENGTH-AVERAGED log-ratios, as TRL does (its loss_type="ipo" divides the policy and reference
+    log-probs by the completion length): with summed log-probs the 1/(2 beta) target would be a per-sequence
+    margin that grows with length. The implicit rewards in the metrics still use the summed log-ratios.
+    """
+    ratio_w, ratio_l = _log_ratios("ipo", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h_bar = ratio_w / chosen_lengths.clamp(min=1) - ratio_l / rejected_lengths.clamp(min=1)  # (B,)
+    losses = (h_bar - 1 / (2 * beta)) ** 2  # (B,)
+    return losses.mean(), _preference_metrics(beta * ratio_w, beta * ratio_l, chosen_logps, rejected_logps)
 
 
 @register_preference_loss("simpo")
 def simpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta,
-               chosen_lengths, rejected_lengths, gamma: float = 0.5, **_: object):
+               chosen_lengths, rejected_lengths, gamma: float = 0.5):
     """SimPO, Meng et al. 2024, eq. 6: -log sigma(beta (avg_w - avg_l) - gamma), reference-free.
 
     `gamma` is the plain target margin gamma of the paper (TRL's CPO `simpo_gamma`, default 0.5),
@@ -173,7 +219,7 @@ _MAX_AVG_LOGP = -1e-6
 @register_preference_loss("orpo")
 def orpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta,
               chosen_lengths, rejected_lengths, orpo_lambda: Optional[float] = None,
-              nll_tokens: Optional[torch.Tensor | float] = None, **_: object):
+              nll_tokens: Optional[torch.Tensor | float] = None):
     """ORPO, Hong et al. 2024, eq. 6: L = NLL(chosen) + lambda * -log sigma(log odds_w - log odds_l).
 
     lambda is `beta`, as in TRL's ORPOTrainer (`orpo_lambda`, if given, overrides it).
@@ -257,37 +303,47 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     return get_kl_estimator(kind)(logprobs, ref_logprobs)
 
 
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """KL of each completion from the reference: k1 summed over its tokens, sum_t (log pi - log pi_ref).
+
+    (B, T), (B, T), mask (B, T) -> (B,). The sequence KL of Ziegler et al. 2019 (their KL term is on whole
+    samples), which the adaptive KL controllers steer toward a target.
+    """
+    return masked_sum(_k1(logprobs, ref_logprobs), mask, dim=-1)  # (B,)
+
+
 # --------------------------------------------------------------------------- PPO family
+# Policy losses share one signature, looked up by name with `get_policy_loss` ("ppo", "gspo"):
+#   fn(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip, agg_mode,
+#      num_tokens, num_seqs, max_len) -> (loss, metrics)
+# logprobs, old_logprobs, mask (B, T); advantages (B,) per sequence or (B, T) per token. They differ only in
+# the importance ratio; the clipped objective on that ratio, and its keywords, are `clipped_surrogate`'s.
+
+POLICY_LOSSES = Registry("policy loss")
+register_policy_loss = POLICY_LOSSES.register
+get_policy_loss = POLICY_LOSSES.lookup
 
 
-def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
-    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: Optional[float] = None,
-    importance_level: str = "token", agg_mode: str = "token_mean",
-    num_tokens: Count = None, num_seqs: Count = None, max_len: Optional[int] = None,
+def clipped_surrogate(
+    log_ratio: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+    dual_clip: Optional[float] = None, agg_mode: str = "token_mean", num_tokens: Count = None,
+    num_seqs: Count = None, max_len: Optional[int] = None,
 ) -> tuple[Tensor, Metrics]:
-    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
+    """The clipped objective (Schulman et al. 2017, eq. 7) on given log-ratios log r (B, T), as a loss.
 
-    logprobs, old_logprobs, mask (B, T); advantages (B,) per sequence or (B, T) per token.
-    clip_low / clip_high: separate epsilons (DAPO clip-higher, Yu et al. 2025).
-    dual_clip c > 1: for A < 0 the loss is also capped at -c * A (Ye et al. 2020).
-    importance_level="sequence": GSPO (Zheng et al. 2025), one ratio per sequence,
-    exp(mean_t(logp - old)), broadcast to its tokens; with agg_mode="seq_mean_token_mean"
-    this is exactly the paper's sequence objective.
-    metrics: clip_frac_low / clip_frac_high (fraction of tokens whose gradient the clip
-    removes: ratio < 1 - eps_low with A < 0 / ratio > 1 + eps_high with A > 0),
-    clip_frac_dual, approx_kl (k3 of KL(old || new): mean((r - 1) - log r), as CleanRL),
-    ratio_mean.
+    The policy losses differ only in the ratio they hand it; they pass their keyword options through, so
+    a keyword not declared here is a TypeError naming it. agg_mode and the GLOBAL counts num_tokens,
+    num_seqs, max_len go to `ops.aggregate`.
+
+    clip_low / clip_high: separate epsilons (DAPO clip-higher, Yu et al. 2025, eq. 10).
+    dual_clip c > 1: for A < 0 the loss is also capped at -c * A (Ye et al. 2020); None = off.
+    metrics: clip_frac_low / clip_frac_high (fraction of tokens whose gradient the clip removes:
+    r < 1 - eps_low with A < 0 / r > 1 + eps_high with A > 0), clip_frac_dual, approx_kl (k3 of
+    KL(old || new): mean((r - 1) - log r), as CleanRL), ratio_mean.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # (B, 1), broadcasts over T
-    log_ratio = logprobs - old_logprobs  # (B, T)
-    if importance_level == "sequence":
-        log_ratio = masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1).expand_as(logprobs)  # (B, T)
-    elif importance_level != "token":
-        raise ValueError(f"unknown importance_level {importance_level!r}; valid: token, sequence")
     ratio = torch.exp(log_ratio)  # (B, T)
-
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     pg_losses = torch.max(pg_loss1, pg_loss2)  # (B, T)
@@ -307,6 +363,46 @@ def clipped_policy_loss(
         approx_kl=masked_mean((ratio - 1) - log_ratio, mask),
         ratio_mean=masked_mean(ratio, mask),
     )
+
+
+@register_policy_loss("ppo")
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    **options: object) -> tuple[Tensor, Metrics]:
+    """PPO clipped surrogate with one ratio per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
+    max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)), r_t = pi(a_t | s_t) / pi_old(a_t | s_t).
+    options: those of `clipped_surrogate` (clip_low, clip_high, dual_clip, agg_mode, counts)."""
+    log_ratio = logprobs - old_logprobs  # (B, T) log r_t
+    return clipped_surrogate(log_ratio, advantages, mask, **options)
+
+
+@register_policy_loss("gspo")
+def gspo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                     **options: object) -> tuple[Tensor, Metrics]:
+    """GSPO (Zheng et al. 2025): one ratio per sequence, s_i = (pi(y_i | x) / pi_old(y_i | x))^(1/|y_i|)
+    = exp(mean_t (log pi - log pi_old)), broadcast to its tokens and clipped as in PPO. With
+    agg_mode="seq_mean_token_mean" this is exactly the paper's sequence objective.
+    options: those of `clipped_surrogate`."""
+    log_s = masked_mean(logprobs - old_logprobs, mask, dim=-1)  # (B,) log s_i, GSPO (Zheng et al. 2025)
+    log_ratio = log_s.unsqueeze(-1).expand_as(logprobs)  # (B, T)
+    return clipped_surrogate(log_ratio, advantages, mask, **options)
+
+
+# The online configs' `importance_level` names the policy loss: one ratio per token or per sequence.
+IMPORTANCE_LEVELS = {"token": "ppo", "sequence": "gspo"}
+
+
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, importance_level: str = "token",
+    **options: object,
+) -> tuple[Tensor, Metrics]:
+    """The policy loss of `importance_level` ("token": `ppo_policy_loss`, "sequence": `gspo_policy_loss`).
+
+    A lookup, not a branch: `options` go to that loss unchanged, so a keyword it does not declare is a
+    TypeError naming it.
+    """
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"unknown importance_level {importance_level!r}; valid: {', '.join(IMPORTANCE_LEVELS)}")
+    return get_policy_loss(IMPORTANCE_LEVELS[importance_level])(logprobs, old_logprobs, advantages, mask, **options)
 
 
 def value_loss(
@@ -371,60 +467,3 @@ def distill_loss(
         raise ValueError(f"unknown distillation kind {kind!r}; valid: forward, reverse")
     loss = aggregate(per_token, mask, "token_mean", num_tokens=num_tokens)
     return loss, _detached(kl=masked_mean(per_token, mask))
-
-
-# --------------------------------------------------------------------------- KL-penalty controllers
-
-
-class FixedKLController:
-    """Constant KL coefficient beta (InstructGPT's fixed penalty)."""
-
-    def __init__(self, beta: float):
-        self.beta = float(beta)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        return self.beta
-
-    def state_dict(self) -> dict:
-        return {"beta": self.beta}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.beta = float(state["beta"])
-
-
-class AdaptiveKLController:
-    """KL coefficient steered toward a target KL (Ziegler et al. 2019, section 2.2).
-
-    mode="proportional" (Ziegler et al.): error = clip(KL / target - 1, -0.2, 0.2),
-        beta <- beta * (1 + error * n_steps / horizon).
-    mode="simple" (Schulman et al. 2017, section 4): beta <- 2 beta if KL > 1.5 target,
-        beta / 2 if KL < target / 1.5, else unchanged.
-    """
-
-    MODES = ("proportional", "simple")
-    MAX_ERROR = 0.2  # Ziegler et al. 2019 clip the proportional error to +-0.2
-
-    def __init__(self, init_beta: float, target: float, horizon: int, mode: str = "proportional"):
-        if mode not in self.MODES:
-            raise ValueError(f"unknown KL controller mode {mode!r}; valid: {', '.join(self.MODES)}")
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"KL target and horizon must be > 0, got target={target}, horizon={horizon}")
-        self.beta, self.target, self.horizon, self.mode = float(init_beta), float(target), horizon, mode
-
-    def update(self, current_kl: float | Tensor, n_steps: int) -> float:
-        kl = float(current_kl)
-        if self.mode == "proportional":
-            error = min(max(kl / self.target - 1, -self.MAX_ERROR), self.MAX_ERROR)
-            self.beta *= 1 + error * n_steps / self.horizon
-        elif kl > 1.5 * self.target:
-            self.beta *= 2
-        elif kl < self.target / 1.5:
-            self.beta /= 2
-        return self.beta
-
-    def state_dict(self) -> dict:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon, "mode": self.mode}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.beta = float(state["beta"])  # target/horizon/mode come from the run's config
-

@@ -31,7 +31,7 @@ from tether.config import ConfigError, TrainConfig
 from tether.data.batching import BatchOrder, collate_prompt_completion, split_micro_batches
 from tether.data.loading import load_rows
 from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
-from tether.losses import get_preference_loss, kto_loss
+from tether.losses import accepted_kwargs, get_preference_loss, kto_loss
 from tether.models.reference import Reference, freeze
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.ops import masked_sum, model_token_logprobs
@@ -197,8 +197,9 @@ def batch_loss(config: DPOConfig, model, reference, examples, index, cache, part
     else:
         ref = cache[index].T.reshape(-1) if cache is not None else reference.logps(pair_logps, chunk, pad_id, device)
         ref_chosen, ref_rejected = ref[:b], ref[b:]
-    return get_preference_loss(config.loss)(logps[:b], logps[b:], ref_chosen, ref_rejected,
-                                            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], **knobs)
+    loss_fn = get_preference_loss(config.loss)  # each loss gets the knobs it declares
+    return loss_fn(logps[:b], logps[b:], ref_chosen, ref_rejected, chosen_lengths=lengths[:b],
+                   rejected_lengths=lengths[b:], **accepted_kwargs(loss_fn, **knobs))
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 from tether import models
-from tether.advantages import RunningMeanBaseline, get_advantage_estimator
+from tether.advantages import RunningMeanBaseline, get_advantage_estimator, kl_shaped_token_rewards
 from tether.config import ConfigError
 from tether.data.batching import split_micro_batches
-from tether.losses import clipped_policy_loss, entropy_bonus, kl_estimate
+from tether.losses import accepted_kwargs, clipped_policy_loss, entropy_bonus, kl_estimate
 from tether.ops import aggregate, masked_mean
 from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Timer, UpdateStats, build_reference,
                                    build_sampler, check_strategy, completion_forward, derive_seed, evaluate_rewards,
@@ -157,11 +157,12 @@ def train(config: GRPOConfig) -> Path:
         rewards = rollout.rewards.to(run.device)  # (N,)
         if reference is not None and config.kl_penalty == "reward":
             token_kl = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], config.kl_estimator)  # (N, C)
-            rewards = rewards - beta * (token_kl * batch["completion_mask"]).sum(-1)  # r − β Σ_t KL_t
+            token_rewards = kl_shaped_token_rewards(rewards, token_kl, batch["completion_mask"], beta=beta)  # (N, C)
+            rewards = token_rewards.sum(-1)  # (N,) r − β Σ_t KL_t
         # Over the global batch: group estimators see whole groups either way, batch-wide ones need every rank.
         all_rewards = distributed.all_gather_cat(rewards)  # (world × N,)
-        advantages, adv_metrics = estimator(all_rewards, group_size, std=config.advantage_std,
-                                            baseline=baseline.value if baseline else 0.0)
+        advantages, adv_metrics = estimator(all_rewards, group_size, **accepted_kwargs(
+            estimator, std=config.advantage_std, baseline=baseline.value if baseline else 0.0))
         if baseline is not None:
             baseline.update(all_rewards)
         batch["advantages"] = own_rows(advantages)  # (N,)

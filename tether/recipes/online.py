@@ -34,7 +34,8 @@ from tether.config import ConfigError, TrainConfig
 from tether.data.batching import BatchOrder
 from tether.data.chat import prompt_text, validate_messages
 from tether.data.loading import DataError, load_rows
-from tether.losses import AdaptiveKLController, FixedKLController, kl_estimate
+from tether.kl_control import AdaptiveKLController, FixedKLController
+from tether.losses import kl_estimate, sequence_kl
 from tether.models import unwrap
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.ops import entropy_from_logits, model_token_logprobs, position_ids_from_mask, token_logprobs
@@ -548,11 +549,6 @@ def global_counts(batch: dict, index: Tensor, max_len: int) -> dict:
     return {"num_tokens": distributed.all_reduce_sum(mask.sum()),
             "num_seqs": distributed.all_reduce_sum(torch.tensor(float(len(index)), device=mask.device)),
             "max_len": max_len}
-
-
-def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """(N,) KL of each completion from the reference, k1 summed over its tokens (Ziegler et al. 2019)."""
-    return ((logprobs - ref_logprobs) * mask).sum(-1)
 
 
 def own_rows(values: Tensor) -> Tensor:
