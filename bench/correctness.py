@@ -120,7 +120,7 @@ def grpo_checks(name: str, out: Path) -> list[dict]:
     from trl import GRPOConfig, GRPOTrainer
 
     from tether.recipes.grpo import GRPOConfig as TetherGRPOConfig, grpo_loss
-    from tether.recipes.online import completion_forward
+    from tether.models.forward import completion_forward
     from tether.rollout import SamplingParams, get_sampler
     from workloads import read_jsonl
 

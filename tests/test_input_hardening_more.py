@@ -17,7 +17,7 @@ from tether.data.preference import build_preference_pairs, build_unpaired_exampl
 from tether.data.sft import build_sft_examples
 from tether.models.tiny import tiny_tokenizer
 from tether.recipes import grpo
-from tether.recipes.online import load_prompts
+from tether.rollout.prompts import load_prompts
 
 TOKENIZER = tiny_tokenizer()
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -348,12 +348,15 @@ def masked_var(
     return sq_dev / ((count - 1) if unbiased else count).clamp(min=1)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, *,
+                  mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
     """(values - mean) / sqrt(var + eps) over masked entries; masked-out entries become 0.
 
-    shift_mean=False adds the mean back (scale only), as in TRL's `masked_whiten`.
+    shift_mean=False adds the mean back (scale only), as in TRL's `masked_whiten`. `mean`/`var` default to
+    this batch's masked mean and unbiased variance; `runtime.distributed.whiten` passes every rank's.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean = masked_mean(values, mask) if mean is None else mean
+    var = masked_var(values, mask) if var is None else var
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tether.config import ConfigError, save_config, to_dict
+from tether import models
 from tether.models import packed
 from tether.runtime import distributed
 from tether.runtime.checkpoint import (gather_model_state, gather_optimizer_state, latest_checkpoint,
@@ -62,6 +63,20 @@ class Run:
         self.optimizer_ = self.scheduler_ = None
         self._step_start = time.perf_counter()
         self._first_step = 0
+
+    def load_model(self, load=None):
+        """The trainable model of `config.model` (with `config.lora`, seeded) on the run's device, with
+        gradient checkpointing if asked: `(model, tokenizer)`. `load` defaults to `tether.models.load`.
+
+        Under gradient checkpointing HF's `use_cache` is switched off for the training forwards (a cache
+        kept through a recomputed forward is wasted memory); the samplers ask for their cache explicitly."""
+        config = self.config
+        model, tokenizer = (load or models.load)(config.model, lora=config.lora, seed=config.seed)
+        model.to(self.device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return model, tokenizer
 
     @property
     def checkpoint_dir(self) -> Path:
