@@ -10,19 +10,26 @@ import importlib
 import logging
 import sys
 
-from tether.config import ConfigError, config_help, load_config
+from tether.config import ConfigError, check_data_files, config_help, load_config
+from tether.data.loading import DataError
+from tether.rewards import RewardContractError
 
-# subcommand → "module:ConfigClass:train_function"; modules are imported only when their command runs.
+# subcommand → "module:ConfigClass:train_function": the config (tether.config.<module>, plain Python) is
+# loaded and validated first, so a config error appears before torch is imported; the recipe
+# (tether.recipes.<module>) is imported only once the config is good.
 RECIPES = {
-    "sft": "tether.recipes.sft:SFTConfig:train",
-    "rm": "tether.recipes.reward_model:RewardModelConfig:train",
-    "dpo": "tether.recipes.dpo:DPOConfig:train",
-    "grpo": "tether.recipes.grpo:GRPOConfig:train",
-    "ppo": "tether.recipes.ppo:PPOConfig:train",
-    "best-of-n": "tether.recipes.best_of_n:BestOfNConfig:run",
-    "rft": "tether.recipes.rft:RFTConfig:train",
-    "distill": "tether.recipes.distill:DistillConfig:train",
+    "sft": "sft:SFTConfig:train",
+    "rm": "reward_model:RewardModelConfig:train",
+    "dpo": "dpo:DPOConfig:train",
+    "grpo": "grpo:GRPOConfig:train",
+    "ppo": "ppo:PPOConfig:train",
+    "best-of-n": "best_of_n:BestOfNConfig:run",
+    "rft": "rft:RFTConfig:train",
+    "distill": "distill:DistillConfig:train",
 }
+USER_ERRORS = (DataError, RewardContractError, FileNotFoundError)
+"""Bad input found after the config loaded (a data row, a reward's output, a missing file): one line, exit 2.
+`DataError` covers its subclasses (e.g. the code reward's `CodeTestsError`)."""
 # subcommand → "module:function(argv) -> int"
 TOOLS = {
     "generate": "tether.generate:generate_main",
@@ -74,14 +81,20 @@ def _split(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return config_path, overrides, want_help
 
 
+def recipe_config(command: str):
+    """The config class of a recipe command (torch-free)."""
+    module_name, config_name, _ = RECIPES[command].split(":")
+    return getattr(importlib.import_module(f"tether.config.{module_name}"), config_name)
+
+
 def load_recipe(command: str):
-    module_name, config_name, function_name = RECIPES[command].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, config_name), getattr(module, function_name)
+    """(config class, train function) of a recipe command; imports the recipe (and torch)."""
+    module_name, _, function_name = RECIPES[command].split(":")
+    return recipe_config(command), getattr(importlib.import_module(f"tether.recipes.{module_name}"), function_name)
 
 
 def run_recipe(command: str, argv: list[str]) -> int:
-    config_cls, train = load_recipe(command)
+    config_cls = recipe_config(command)
     config_path, overrides, want_help = _split(argv)
     if want_help:
         doc = (config_cls.__doc__ or "").strip()
@@ -89,6 +102,8 @@ def run_recipe(command: str, argv: list[str]) -> int:
         print(config_help(config_cls))
         return 0
     config = load_config(config_cls, config_path, overrides)
+    check_data_files(config)
+    _, train = load_recipe(command)
     result = train(config)
     if result is not None:
         print(f"done: {result}")
@@ -120,11 +135,9 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as err:
         print(f"tether {command}: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        if type(err).__name__ in ("DataError", "RewardContractError", "CodeTestsError", "FileNotFoundError"):
-            print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
-            return 2
-        raise
+    except USER_ERRORS as err:
+        print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:  # under torchrun: another rank died or hung → say so instead of a gloo/nccl trace
         from tether.runtime.distributed import failure_message
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tether.config import ConfigError, TrainConfig
-from tether.rewards import available_rewards, get_reward
+from tether.config import ConfigError, TrainConfig, check_rewards
 
 
 @dataclass
@@ -136,16 +135,7 @@ class OnlineConfig(TrainConfig):
         for key, ok, message in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}': {message}, got {getattr(self, key)!r}")
-        for index, spec in enumerate(self.rewards):
-            name = spec.get("name")
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"config key 'rewards[{index}]': each reward needs a name, e.g. "
-                                  f"{{name: math, weight: 1.0}}; got {spec!r}")
-            if name not in available_rewards():  # built-ins are built (and their options checked) at train start
-                try:  # an unknown name raises the registry's message; a user's file:function is imported
-                    get_reward(name)
-                except ValueError as err:
-                    raise ConfigError(f"config key 'rewards[{index}]': {err}") from None
+        check_rewards(self.rewards)
 
     def kl_needed(self) -> bool:
         """Whether any step can use the reference: β > 0 (an adaptive β starts > 0 and stays > 0)."""

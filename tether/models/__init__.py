@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from tether.config import LoraConfig  # declared with the configs (plain Python); re-exported here
 from tether.models.tiny import tiny_model, tiny_tokenizer
 
 TINY = "tiny"
@@ -32,20 +32,6 @@ def parse_tiny(name: str) -> dict | None:
             raise ValueError(f"model {name!r}: expected tiny:key=int,key=int (e.g. tiny:hidden_size=64), got {item!r}")
         overrides[key.strip()] = int(value)
     return overrides
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapter options (Hu et al. 2021); `r = 0` means no LoRA, full fine-tuning."""
-
-    r: int = 0
-    """Rank of the low-rank update; 0 disables LoRA."""
-    alpha: float = 16.0
-    """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names that receive adapters (e.g. q_proj, v_proj; "all-linear" for every linear layer)."""
 
 
 def check_model_name(name: str) -> None:

@@ -18,95 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from tether import models
-from tether.config import ConfigError, DistributedConfig, save_config
+from tether.config import save_config
+from tether.config.best_of_n import BestOfNConfig
 from tether.data.loading import load_rows
 from tether.eval.generation import sample_share, write_jsonl
 from tether.eval.score import score_samples
 from tether.rewards import RewardSet
-from tether.rollout import SamplingParams
+from tether.rollout.params import SamplingConfig
 from tether.runtime import distributed
 from tether.runtime.device import choose_device, choose_dtype
 
 log = logging.getLogger("tether")
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled (the `sampling:` section of best-of-n, rft and distill)."""
-
-    n: int = 4
-    """Samples per prompt."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 is greedy (then all n samples are the same)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1 = off)."""
-    top_k: int = 0
-    """Sample only among the k most likely tokens (0 = off)."""
-    min_p: float = 0.0
-    """Drop tokens below min_p × the top token's probability (0 = off)."""
-    max_new_tokens: int = 256
-    """Most tokens per completion."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a completion (cut from the text)."""
-    batch_size: int = 16
-    """Prompts per generate call (each with n samples)."""
-    engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampling engine: the built-in KV-cache sampler, or vLLM (CUDA, when installed)."""
-
-    def params(self, seed: int) -> SamplingParams:
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, max_new_tokens=self.max_new_tokens, stop=self.stop, seed=seed)
-
-    def validate(self) -> None:
-        try:
-            self.params(seed=0)
-        except ValueError as err:
-            raise ConfigError(f"config section 'sampling': {err}") from None
-        if self.batch_size < 1:
-            raise ConfigError(f"config key 'sampling.batch_size': must be >= 1, got {self.batch_size}")
-
-
-@dataclass
-class BestOfNConfig:
-    """Best-of-N: sample N completions per prompt, keep the one with the highest reward."""
-
-    model: str = "tiny"
-    """Model that samples: `tiny`, a local Hugging Face folder, or a hub name."""
-    data: str = ""
-    """Prompts: rows with `prompt` (string or message list); other columns go to the reward functions."""
-    data_split: str = "train"
-    """Split to read when `data` is a `datasets` name or folder with splits."""
-    output_dir: str = "runs/best_of_n"
-    """Folder for best.jsonl, all.jsonl (write_all), summary.json and config.yaml."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """How the N samples are drawn (sampling.n is N)."""
-    rewards: list[dict | str] = field(default_factory=list)
-    """Reward functions, each {name, weight, ...options} (e.g. [{name: math}]); combined by weight."""
-    reward_model: str = ""
-    """A reward model folder (tether rm's final/); its score is added to the rewards with weight 1."""
-    write_all: bool = False
-    """Also write all.jsonl: every sample with its rewards and whether it was chosen."""
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
-    seed: int = 0
-    """Sampling seed (and the init seed of `tiny`)."""
-    device: str = "auto"
-    """auto, cpu or cuda[:N]."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Model dtype: auto = float32 on CPU, bfloat16 on CUDA."""
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """Under torchrun: timeout_s (every rank holds the whole sampling model and samples its share of the
-    prompts; strategy does not apply)."""
-
-    def validate(self) -> None:
-        if not self.rewards and not self.reward_model:
-            raise ConfigError("config key 'rewards': give reward functions (e.g. rewards=[{name: math}]) "
-                              "and/or a reward_model folder to score the samples")
 
 
 def reward_specs(rewards: list, reward_model: str) -> list:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,52 +29,10 @@ from transformers import DynamicCache
 
 from tether.data.batching import collate_prompt_completion
 from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
+from tether.rollout.params import SamplingParams
 
 FINISH_REASONS = ("stop", "eos", "length")
 
-
-@dataclass
-class SamplingParams:
-    """How to sample completions; field names follow vLLM's `SamplingParams`."""
-
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax) decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability sums to at least top_p (1 = off)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off)."""
-    min_p: float = 0.0
-    """Drop tokens whose probability is below min_p times the top token's probability (0 = off)."""
-    max_new_tokens: int = 256
-    """Most tokens generated per sample; a sample that reaches it finishes with reason "length"."""
-    n: int = 1
-    """Samples per prompt; they share one prefill of the prompt."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a sample (finish reason "stop"); the text is cut where the string begins."""
-    seed: int | None = 0
-    """Seed of the sampler's own random generator; None draws a fresh one."""
-    min_new_tokens: int = 0
-    """EOS cannot be sampled, and stop strings are not checked, before this many tokens."""
-    ignore_eos: bool = False
-    """Keep generating past EOS (fixed-length benchmarks); EOS may still be sampled."""
-    include_stop_str_in_output: bool = False
-    """Keep the matched stop string at the end of the completion text."""
-
-    def __post_init__(self):
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.n >= 1, "n must be >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {message}")
-        self.stop = list(self.stop)
 
 
 @dataclass

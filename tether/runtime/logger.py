@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from tether.runtime import distributed
 
