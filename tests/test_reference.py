@@ -9,7 +9,7 @@ from tether import models
 from tether.config import load_config
 from tether.models import LoraConfig
 from tether.models.reference import Reference
-from tether.ops import model_token_logprobs
+from tether.models.forward import model_token_logprobs
 from tether import online
 from tether.recipes import dpo, grpo
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,3 +33,8 @@ class SFTConfig(TrainConfig):
 
             raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
 
+
+def sft_config(config, **changes) -> SFTConfig:
+    """An SFTConfig with the SFT keys of `config` (an RFTConfig or DistillConfig, both SFTConfigs) and `changes` (model, data, output_dir, ...)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(SFTConfig)}
+    return SFTConfig(**{**values, **changes})

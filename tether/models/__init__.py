@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -32,6 +33,11 @@ def parse_tiny(name: str) -> dict | None:
             raise ValueError(f"model {name!r}: expected tiny:key=int,key=int (e.g. tiny:hidden_size=64), got {item!r}")
         overrides[key.strip()] = int(value)
     return overrides
+
+
+def is_fsdp(model) -> bool:
+    """True when `model` was sharded with FSDP2's `fully_shard` (its parameters are DTensor shards)."""
+    return isinstance(model, FSDPModule)
 
 
 def check_model_name(name: str) -> None:

@@ -1,7 +1,8 @@
 """The forward that scores completions: log-probs (and entropy, values) at the completion tokens of a batch.
 
 The one place that chooses between the shared-prompt forward (the G completions of a prompt read one
-encoding of it), the fused head (only completion positions reach the vocabulary) and the plain forward.
+encoding of it), the packed (padding-free) forward, the fused head (only completion positions reach the
+vocabulary) and the plain forward: `model_token_logprobs` for any batch, `completion_forward` for a rollout.
 
 Batch layout (`RolloutBatch.to_tensors`): input_ids/attention_mask (n, P+C) with left-padded prompts of
 P tokens and right-padded completions of C tokens, completion_mask (n, C), prompt_index (n,), prompt_length P.
@@ -10,12 +11,66 @@ P tokens and right-padded completions of C tokens, completion_mask (n, C), promp
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from tether.models import packed
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
-from tether.ops import entropy_from_logits, model_token_logprobs, position_ids_from_mask, token_logprobs
+from tether.ops import entropy_from_logits, forward_logprobs, position_ids_from_mask, token_logprobs
+
+
+def model_token_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+    target_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-prob of each next token under `model`, for left- or right-padded batches.
+
+    input_ids, attention_mask (B, T) -> (logprobs (B, T-1), entropy (B, T-1) or None).
+    logprobs[:, t] = log pi(input_ids[:, t+1] | input_ids[:, :t+1]) at `temperature`;
+    positions whose target token is padding are 0 (logprobs and entropy), and so is the
+    position that predicts a left-padded sequence's first token from a pad token (the
+    unpadded sequence has no log-prob for its first token either). `target_mask` (B, T-1),
+    e.g. a loss mask, limits the scored targets further: the others are 0 too.
+
+    Where `models.packed` applies (config key `padding_free`, supported models) the rows' real tokens run as
+    one packed sequence, so no work is spent on padding. When the logits are a plain linear head on the last hidden
+    state (most causal LMs), the head is applied chunk by chunk to the scored positions only
+    (`linear_token_logprobs`): the (B, T, V) logits never exist. Otherwise the model's logits are used.
+    """
+    target = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
+    if target_mask is not None:
+        target &= target_mask.bool()
+    # Shift labels instead of slicing logits[:, :-1]: the slice is not contiguous and would
+    # copy the whole (B, T, V) tensor. The last position gets label -100 and is dropped.
+    labels = torch.full_like(input_ids, -100)  # (B, T)
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(~target, -100)
+
+    rows = packed.pack_rows(attention_mask) if packed.unsupported_reason(model) is None else None
+    if rows is not None:  # one row (1, N) of every real token; positions restart in each row
+        index, layout = rows
+        positions = position_ids_from_mask(attention_mask).flatten()[index][None]
+        forward = functools.partial(packed.packed_forward, model, input_ids.flatten()[index][None], positions,
+                                    layout)
+        logprobs, entropy = forward_logprobs(model, forward, labels.flatten()[index][None], temperature,
+                                              chunk_size, return_entropy)  # (1, N)
+        logprobs = packed.unpack(logprobs, index, input_ids.shape)  # (B, T), 0 on padding
+        entropy = packed.unpack(entropy, index, input_ids.shape) if return_entropy else None
+    else:
+        kwargs = {}
+        if bool((attention_mask[:, 0] == 0).any()):  # left padding: positions must start at 0
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        forward = functools.partial(model, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logprobs, entropy = forward_logprobs(model, forward, labels, temperature, chunk_size, return_entropy)
+    return logprobs[:, :-1], (entropy[:, :-1] if return_entropy else None)
 
 
 def take(batch: dict, index) -> dict:

@@ -28,15 +28,16 @@ import torch
 from tether import models
 from tether.config import ConfigError, save_config
 from tether.config.distill import DistillConfig
+from tether.config.sft import sft_config
+from tether.eval.sampling import load_sampling_model
 from tether.data.batching import BatchOrder, collate_sft, split_micro_batches
 from tether.data.loading import load_rows
 from tether.eval.generation import sample_share, write_jsonl
 from tether.losses import distill_loss, sft_loss
 from tether.ops import token_logprobs
 from tether.recipes import sft
-from tether.recipes.best_of_n import load_sampling_model
-from tether.recipes.rft import link_final, sft_config
 from tether.runtime import distributed
+from tether.runtime.checkpoint import link_final
 from tether.runtime.run import Run, autocast
 
 log = logging.getLogger("tether")

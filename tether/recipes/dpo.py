@@ -29,12 +29,13 @@ from tether import models
 from tether.config.dpo import REFERENCE_FREE, DPOConfig
 from tether.data.batching import BatchOrder, collate_prompt_completion, split_micro_batches
 from tether.data.loading import load_rows
+from tether.data.splits import split_held_out
 from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
 from tether.losses import get_preference_loss, kto_loss
 from tether.models.reference import Reference, freeze
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
-from tether.ops import masked_sum, model_token_logprobs
-from tether.recipes.reward_model import split_held_out
+from tether.models.forward import model_token_logprobs
+from tether.ops import masked_sum
 from tether.runtime import distributed
 from tether.runtime.metrics import MetricMeans
 from tether.runtime.run import Run, autocast

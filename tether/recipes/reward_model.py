@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from tether.config import ConfigError
 from tether.config.reward_model import RewardModelConfig
 from tether.data.batching import BatchOrder, split_micro_batches
 from tether.data.loading import load_rows
+from tether.data.splits import split_held_out
 from tether.data.preference import build_preference_pairs, collate_pairs
 from tether.losses import bradley_terry_loss
 from tether.models.value import load_reward_model, sequence_rewards
@@ -32,19 +32,6 @@ from tether.runtime.run import Run, autocast
 log = logging.getLogger("tether")
 
 PAIR_METRICS = ("accuracy", "margin", "rewards_chosen", "rewards_rejected")
-
-
-def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held_out): a seeded random `fraction` of `items` held out (at least one when fraction > 0)."""
-    if fraction <= 0:
-        return items, []
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(items), generator=generator).tolist()
-    n_held = max(1, int(round(fraction * len(items))))
-    if n_held >= len(items):
-        raise ConfigError(f"config key 'eval_fraction': {fraction} of {len(items)} pairs leaves none to train on")
-    held = set(order[:n_held])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def load_pairs(config, tokenizer, source: str):

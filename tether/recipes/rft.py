@@ -19,22 +19,22 @@ reuses a round's kept.jsonl and resumes its SFT from the latest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
-import os
 from pathlib import Path
 
 from tether.config import save_config
 from tether.config.rft import RFTConfig
+from tether.config.sft import sft_config
 from tether.data.loading import load_rows
 from tether.eval.generation import write_jsonl
 from tether.recipes import sft
-from tether.recipes.best_of_n import (candidate_rewards, load_sampling_model, reward_specs,
-                                     number, sample_and_score, select)
+from tether.eval.sampling import (candidate_rewards, load_sampling_model, number, reward_specs, sample_and_score,
+                                  select)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
+from tether.runtime.checkpoint import link_final
 
 log = logging.getLogger("tether")
 
@@ -49,12 +49,6 @@ def keep_samples(samples: list[dict], *, threshold: float | None, top_k: int, de
                 rewards[i] = None
             seen.add(s["completion"])
     return select(rewards, threshold=threshold, top_k=top_k)
-
-
-def sft_config(config: RFTConfig, **changes) -> sft.SFTConfig:
-    """An SFTConfig with this config's SFT keys and `changes` (model, data, output_dir, ...)."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(sft.SFTConfig)}
-    return sft.SFTConfig(**{**values, **changes})
 
 
 def train(config: RFTConfig) -> Path:
@@ -157,15 +151,3 @@ def rows_or_empty(path: Path) -> list[dict]:
     return load_rows(str(path)) if path.exists() and path.stat().st_size else []
 
 
-def link_final(out: Path, model_dir: Path) -> Path:
-    """`out/final` → `model_dir` (a relative symlink), so every recipe's model is at `<output_dir>/final`.
-    Returns `model_dir` itself when it is not a folder under `out` (e.g. nothing was trained)."""
-    final = out / "final"
-    if not model_dir.is_dir() or out.resolve() not in model_dir.resolve().parents:
-        return model_dir
-    if distributed.is_main():
-        if final.is_symlink() or final.exists():
-            final.unlink()
-        final.symlink_to(os.path.relpath(model_dir.resolve(), out.resolve()), target_is_directory=True)
-    distributed.barrier()
-    return final

@@ -21,7 +21,7 @@ from tether.data.loading import load_rows
 from tether.data.sft import build_sft_examples
 from tether.losses import sft_loss
 from tether.models import packed
-from tether.ops import model_token_logprobs
+from tether.models.forward import model_token_logprobs
 from tether.runtime import distributed
 from tether.runtime.run import Run, autocast
 

@@ -9,14 +9,14 @@ import importlib
 
 from tether.rollout.params import SamplingConfig, SamplingParams
 
-_FROM_SAMPLER = ("FINISH_REASONS", "BuiltinSampler", "RolloutBatch", "Sampler", "filter_logits", "get_sampler",
-                 "select_tokens")
+_LAZY = {"FINISH_REASONS": "engine", "RolloutBatch": "engine", "Sampler": "engine", "get_sampler": "factory",
+         "BuiltinSampler": "sampler", "filter_logits": "sampler", "select_tokens": "sampler"}
 
 __all__ = ["FINISH_REASONS", "BuiltinSampler", "RolloutBatch", "Sampler", "SamplingConfig", "SamplingParams",
            "filter_logits", "get_sampler", "select_tokens"]
 
 
 def __getattr__(name: str):
-    if name in _FROM_SAMPLER:
-        return getattr(importlib.import_module("tether.rollout.sampler"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tether.rollout.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'tether.rollout' has no attribute {name!r}")

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from tether.data.batching import derive_seed
 from tether.rollout.prompts import Prompt, PromptStream
-from tether.rollout.sampler import RolloutBatch, SamplingParams
+from tether.rollout.engine import RolloutBatch
+from tether.rollout.params import SamplingParams
 from tether.runtime import distributed
 
 if TYPE_CHECKING:

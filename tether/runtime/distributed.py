@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tether.models import is_fsdp  # noqa: F401  (re-exported)
 from tether.ops import masked_whiten
 
 log = logging.getLogger("tether")
@@ -155,13 +156,6 @@ def gather_lists(items: list) -> list:
 
 
 # ----------------------------------------------------------------------------- model wrapping
-
-def is_fsdp(model) -> bool:
-    """True when `model` was sharded with FSDP2's `fully_shard` (its parameters are DTensor shards)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
 
 def is_wrapped(model) -> bool:
     """True when `model` averages its gradients over ranks (DDP or FSDP2)."""
