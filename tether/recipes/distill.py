@@ -30,7 +30,7 @@ from tether.config import ConfigError, save_config
 from tether.config.distill import DistillConfig
 from tether.config.sft import sft_config
 from tether.eval.sampling import load_sampling_model
-from tether.data.batching import BatchOrder, collate_sft, split_micro_batches
+from tether.data.batching import collate_sft, split_micro_batches
 from tether.data.loading import load_rows
 from tether.eval.generation import sample_share, write_jsonl
 from tether.losses import distill_loss, sft_loss
@@ -99,11 +99,7 @@ def check_shared_vocab(student_tokenizer, teacher_tokenizer) -> None:
 def train_with_kd(config: DistillConfig) -> Path:
     """SFT NLL + kd_coef · token-level KD against the teacher, on config.data (the traces)."""
     run = Run(config)
-    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model()
     teacher, _ = models.load(config.teacher, dtype=run.dtype, device=run.device, seed=config.seed)
     teacher.eval().requires_grad_(False)
     vocab = len(tokenizer)  # models may pad their logits past the tokenizer's vocabulary; compare the real tokens
@@ -113,15 +109,9 @@ def train_with_kd(config: DistillConfig) -> Path:
     eval_examples = []
     if config.eval_data:
         eval_examples, _ = sft.load_examples(config, tokenizer, config.eval_data, config.data_split)
-    order = BatchOrder(len(examples), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(examples))
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         num_tokens = sum(sum(examples[i].loss_mask[1:]) for i in global_batch)  # completion tokens, whole batch
         totals = torch.zeros(3)  # loss, nll, kd

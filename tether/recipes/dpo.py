@@ -27,7 +27,7 @@ import torch
 
 from tether import models
 from tether.config.dpo import REFERENCE_FREE, DPOConfig
-from tether.data.batching import BatchOrder, collate_prompt_completion, split_micro_batches
+from tether.data.batching import collate_prompt_completion, split_micro_batches
 from tether.data.loading import load_rows
 from tether.data.splits import split_held_out
 from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
@@ -196,11 +196,7 @@ def load_examples(config: DPOConfig, tokenizer, source: str):
 def train(config: DPOConfig) -> Path:
     """Run DPO (or a family member) as configured; returns the `final/` model folder."""
     run = Run(config)
-    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model()
     pad_id = tokenizer.pad_token_id
 
     examples = load_examples(config, tokenizer, config.data)
@@ -230,14 +226,9 @@ def train(config: DPOConfig) -> Path:
             return evaluate(config, model, reference, eval_examples, eval_cache, eval_partners, pad_id, micro_size,
                             run.device)
 
-    order = BatchOrder(len(examples), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(examples))
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         n_global = len(global_batch)
         kl_ref_point = None

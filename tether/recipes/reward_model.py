@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tether.config.reward_model import RewardModelConfig
-from tether.data.batching import BatchOrder, split_micro_batches
+from tether.data.batching import split_micro_batches
 from tether.data.loading import load_rows
 from tether.data.splits import split_held_out
 from tether.data.preference import build_preference_pairs, collate_pairs
@@ -53,11 +53,7 @@ def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch
 def train(config: RewardModelConfig) -> Path:
     """Train a reward model as configured; returns the `final/` model folder."""
     run = Run(config)
-    model, tokenizer = load_reward_model(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model(load_reward_model)
 
     pairs = load_pairs(config, tokenizer, config.data)
     if config.eval_data:
@@ -68,15 +64,9 @@ def train(config: RewardModelConfig) -> Path:
     log.info("reward model: %d training pairs, %d held-out pairs%s", len(pairs), len(eval_pairs),
              ", with margins" if use_margin else "")
 
-    order = BatchOrder(len(pairs), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(pairs))
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         num_pairs = len(global_batch)
         sums = torch.zeros(1 + len(PAIR_METRICS), device=run.device)  # loss, then each metric, summed over pairs

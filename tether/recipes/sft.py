@@ -16,7 +16,7 @@ import torch
 
 from tether import models
 from tether.config.sft import SFTConfig
-from tether.data.batching import BatchOrder, collate_sft, grouped_micro_batches
+from tether.data.batching import collate_sft, grouped_micro_batches
 from tether.data.loading import load_rows
 from tether.data.sft import build_sft_examples
 from tether.losses import sft_loss
@@ -37,11 +37,7 @@ def load_examples(config: SFTConfig, tokenizer, source: str, split: str = "train
 def train(config: SFTConfig) -> Path:
     """Run SFT as configured; returns the `final/` model folder."""
     run = Run(config)
-    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model()
 
     examples, stats = load_examples(config, tokenizer, config.data, config.data_split)
     log.info(stats.summary(config.data))
@@ -49,12 +45,7 @@ def train(config: SFTConfig) -> Path:
     if config.eval_data:
         eval_examples, _ = load_examples(config, tokenizer, config.eval_data, config.data_split)
 
-    order = BatchOrder(len(examples), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(examples))
     # Every rank must run as many backward passes as the others (DDP reduces in each): group in one process only.
     # A packed forward has no padding to save (models.packed).
     grouping = (config.length_grouping and distributed.world_size() == 1
@@ -62,8 +53,7 @@ def train(config: SFTConfig) -> Path:
     call_cost = models.forward_call_cost(model, run.device) if grouping else float("inf")
     lengths = [len(e.input_ids) for e in examples]
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         # Divide by the completion tokens of the whole global batch, so the result does not depend on
         # how the batch is split into micro-batches or ranks.

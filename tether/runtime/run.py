@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
 
 from tether.config import ConfigError, save_config, to_dict
 from tether import models
+from tether.data.batching import BatchOrder
 from tether.models import packed
 from tether.runtime import distributed
 from tether.runtime.checkpoint import (gather_model_state, gather_optimizer_state, latest_checkpoint,
@@ -20,6 +22,20 @@ from tether.runtime.logger import RunLogger
 from tether.runtime.optim import StepGuard, build_optimizer, build_scheduler
 
 log = logging.getLogger("tether")
+
+
+class OfflineSetup(NamedTuple):
+    """What `Run.setup_offline` returns: the wrapped model in train mode, the loop's order and sizes."""
+
+    model: torch.nn.Module
+    order: BatchOrder
+    """Seeded batches of example indices: `order.batch(step)` is a step's global batch."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps: range
+    """The steps to run: from 0 (or the step after the resumed checkpoint) to max_steps or `epochs` passes."""
+    micro_size: int
+    """Examples per forward/backward on this rank."""
 
 
 class Run:
@@ -77,6 +93,20 @@ class Run:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         return model, tokenizer
+
+    def setup_offline(self, model, tokenizer, num_examples: int) -> OfflineSetup:
+        """The set-up every offline recipe (sft, rm, dpo, distill) shares once its data is loaded: a seeded
+        order over `num_examples`, the step count (max_steps, or `epochs` passes), the model wrapped for
+        DDP/FSDP, optimizer and scheduler, resume from the latest checkpoint, and this rank's micro-batch size."""
+        config = self.config
+        order = BatchOrder(num_examples, config.batch_size, config.seed)
+        total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+        model = self.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
+        optimizer, scheduler = self.optimizer(model, total_steps)
+        start_step, _ = self.start(model, tokenizer, optimizer, scheduler, total_steps)
+        micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+        model.train()
+        return OfflineSetup(model, order, optimizer, scheduler, range(start_step, total_steps), micro_size)
 
     @property
     def checkpoint_dir(self) -> Path:
