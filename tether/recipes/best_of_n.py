@@ -20,7 +20,6 @@ import json
 import logging
 from pathlib import Path
 
-from tether.config import save_config
 from tether.config.best_of_n import BestOfNConfig
 from tether.data.loading import load_rows
 from tether.eval.generation import write_jsonl
@@ -28,6 +27,7 @@ from tether.eval.sampling import (candidate_rewards, load_sampling_model, number
                                   sample_and_score, select)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
+from tether.runtime.run import open_run_dir
 
 log = logging.getLogger("tether")
 
@@ -35,11 +35,7 @@ log = logging.getLogger("tether")
 def run(config: BestOfNConfig) -> Path:
     """Run best-of-N as configured; returns the path of best.jsonl. Under torchrun each rank samples a share
     of the prompts and rank 0 writes the files, the same as one process writes."""
-    distributed.init(config.distributed.timeout_s)
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out = open_run_dir(config)
     rows = load_rows(config.data, config.data_split)
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
     reward_set.check_rows(config.data, list(enumerate(rows)))

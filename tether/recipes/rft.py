@@ -24,7 +24,6 @@ import json
 import logging
 from pathlib import Path
 
-from tether.config import save_config
 from tether.config.rft import RFTConfig
 from tether.config.sft import sft_config
 from tether.data.loading import load_rows
@@ -34,6 +33,7 @@ from tether.eval.sampling import (candidate_rewards, load_sampling_model, number
                                   select)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
+from tether.runtime.run import open_run_dir
 from tether.runtime.checkpoint import link_final
 
 log = logging.getLogger("tether")
@@ -56,11 +56,7 @@ def train(config: RFTConfig) -> Path:
 
     Under torchrun every rank samples and scores a share of the prompts, rank 0 writes the round's files, and
     the round's SFT trains data-parallel (`sft.train`)."""
-    distributed.init(config.distributed.timeout_s)
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out = open_run_dir(config)
     rows = load_rows(config.data, config.data_split)
     eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))

@@ -226,6 +226,17 @@ def _whole(value):
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def open_run_dir(config) -> Path:
+    """The run folder of a recipe that trains no model itself (best-of-n, rft): join the process group,
+    create `output_dir` and write config.yaml there (on the main rank)."""
+    distributed.init(config.distributed.timeout_s)
+    out = Path(config.output_dir)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    return out
+
+
 def autocast(run: Run):
     """bf16/fp16 autocast on CUDA; a no-op context on CPU float32."""
     if run.device.type == "cuda" and run.dtype != torch.float32:
