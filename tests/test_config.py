@@ -96,8 +96,8 @@ def test_partial_nested_override_keeps_the_fields_own_defaults():
 CHILD = """
 import sys, time
 start = time.perf_counter()
-from tether.cli import _main
-code = _main(sys.argv[1:])
+from tether.cli import main
+code = main(sys.argv[1:])
 print("torch loaded:", "torch" in sys.modules, "transformers loaded:", "transformers" in sys.modules,
       "seconds:", round(time.perf_counter() - start, 3))
 sys.exit(code)

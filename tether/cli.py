@@ -112,9 +112,10 @@ def run_recipe(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    from tether.runtime.distributed import exit_worker
+    if "torch" in sys.modules:  # no torch, no process group (e.g. a config error): nothing to leave
+        from tether.runtime.distributed import exit_worker
 
-    exit_worker(code)  # under torchrun: exits here (see its docstring); one process returns
+        exit_worker(code)  # under torchrun: exits here (see its docstring); one process returns
     return code
 
 
