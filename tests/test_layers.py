@@ -27,7 +27,7 @@ LAYERS = [  # top to bottom; a module may import its own layer and any layer bel
     {"runtime"},
     {"models"},
     {"data"},
-    {"losses", "advantages", "kl"},
+    {"losses", "advantages", "kl_control"},
     {"ops"},
 ]
 PLAIN_PYTHON = {"config"}  # below everything that reads it, above what it reads (data, rewards' registry)
