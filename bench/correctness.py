@@ -4,7 +4,7 @@
 
 For each benchmark model (the policy is the saved model with a small seeded perturbation, the reference is the
 saved model, so ratios and DPO margins are not trivially 0 or 1):
-  - per-token log-probs of the same right-padded SFT batch: `tether.ops.model_token_logprobs` against TRL's
+  - per-token log-probs of the same right-padded SFT batch: `tether.models.forward.model_token_logprobs` against TRL's
     `selective_log_softmax` on the model's logits;
   - DPO loss of the first 8 preference rows: tether (its own tokenization, `pair_logps`, the `dpo` loss) against
     `trl.DPOTrainer.compute_loss` on TRL's own tokenization and collation of the same rows;
@@ -120,7 +120,7 @@ def grpo_checks(name: str, out: Path) -> list[dict]:
     from trl import GRPOConfig, GRPOTrainer
 
     from tether.recipes.grpo import GRPOConfig as TetherGRPOConfig, grpo_loss
-    from tether.recipes.online import completion_forward
+    from tether.models.forward import completion_forward
     from tether.rollout import SamplingParams, get_sampler
     from workloads import read_jsonl
 

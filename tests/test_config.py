@@ -91,3 +91,38 @@ def test_partial_nested_override_keeps_the_fields_own_defaults():
 
     config = load_config(WithLora, None, ["lora.alpha=4"])
     assert (config.lora.r, config.lora.alpha) == (8, 4.0)
+
+
+CHILD = """
+import sys, time
+start = time.perf_counter()
+from tether.cli import main
+code = main(sys.argv[1:])
+print("torch loaded:", "torch" in sys.modules, "transformers loaded:", "transformers" in sys.modules,
+      "seconds:", round(time.perf_counter() - start, 3))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command, overrides, message", [
+    ("grpo", ["lerning_rate=1e-4"], "unknown config key 'lerning_rate'. Did you mean 'learning_rate'?"),
+    ("grpo", ["kl_coef=-1"], "config key 'kl_coef': must be >= 0"),
+    ("grpo", ["data=no_such_prompts.jsonl", "rewards=[{name: math}]"], "config key 'data': file no_such_prompts.jsonl does not exist"),
+    ("grpo", ["rewards=[{name: maht}]"], "unknown reward 'maht'. Did you mean 'math'?"),
+    ("ppo", ["rewards=[{name: math, weight: heavy}]"], "config key 'rewards[0].weight': expected a finite number"),
+    ("sft", ["eval_data=missing.jsonl"], "config key 'eval_data': file missing.jsonl does not exist"),
+    ("dpo", ["beta=-1"], "config key 'beta'"),
+])
+def test_config_errors_stop_the_cli_before_torch_is_imported(tmp_path, command, overrides, message):
+    """Keys, values, data files, reward names and weights are checked before torch/transformers are imported:
+    the child process exits 2 with one line naming the key, and `torch` is not in its sys.modules. The whole
+    run, interpreter start-up aside, takes under 2 s."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", CHILD, command, *overrides], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "torch loaded: False transformers loaded: False" in result.stdout
+    assert float(result.stdout.rsplit("seconds:", 1)[1]) < 2.0

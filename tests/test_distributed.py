@@ -198,7 +198,7 @@ def test_minibatches_are_the_same_on_any_number_of_ranks(monkeypatch):
     """24 completions in 3 minibatches: gathered over 2 or 4 simulated ranks (rank r holds global rows r·n ..),
     each minibatch's rows are one process's. A minibatch takes one row of every 3 consecutive ones, in a
     seeded order; with 5 rows per rank (3 does not divide 5) the ranks' minibatches still have equal sizes."""
-    from tether.recipes.online import minibatches
+    from tether.online import minibatches
 
     whole = [sorted(rows.tolist()) for rows in minibatches(24, 3, seed=7)]
     assert sorted(sum(whole, [])) == list(range(24))

@@ -2,7 +2,7 @@
 
 - `ops.linear_token_logprobs` (chunked LM head, no (N, V) logits) against `ops.token_logprobs` on the full logits:
   values, entropy and gradients (hidden and weight), with a temperature, ignored labels and several chunks;
-- `ops.model_token_logprobs` through the fused head against the logits path on a real model, with left padding
+- `models.forward.model_token_logprobs` through the fused head against the logits path on a real model, with left padding
   and a target mask;
 - `sampler.draw_inverse_cdf` draws with the softmax's frequencies (banned ids never), on vocabularies with a
   partial last block, and returns the log-prob of the full distribution.
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tether import ops
+from tether.models import forward
 from tether.models.tiny import tiny_model, tiny_tokenizer
 from tether.rollout import sampler
 
@@ -55,7 +56,7 @@ def test_model_token_logprobs_fused_head_equals_logits_path(monkeypatch):
     target_mask = torch.ones(3, 8, dtype=torch.long)
     target_mask[0, :4] = 0
 
-    fast, fast_entropy = ops.model_token_logprobs(model, input_ids, attention_mask, return_entropy=True,
+    fast, fast_entropy = forward.model_token_logprobs(model, input_ids, attention_mask, return_entropy=True,
                                                   target_mask=target_mask)
     fast.sum().backward()
     fast_grad = model.lm_head.weight.grad.clone()
@@ -63,7 +64,7 @@ def test_model_token_logprobs_fused_head_equals_logits_path(monkeypatch):
 
     assert ops.plain_lm_head(model) is not None
     monkeypatch.setattr(ops, "plain_lm_head", lambda model: None)  # force the logits path
-    slow, slow_entropy = ops.model_token_logprobs(model, input_ids, attention_mask, return_entropy=True)
+    slow, slow_entropy = forward.model_token_logprobs(model, input_ids, attention_mask, return_entropy=True)
     keep = (target_mask.bool() & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()).float()
     (slow * keep).sum().backward()
 

@@ -13,7 +13,8 @@ from tether import models
 from tether.config import ConfigError, load_config
 from tether.recipes import grpo
 from tether.recipes.grpo import GRPOConfig, grpo_loss
-from tether.recipes.online import completion_forward, global_counts, take
+from tether.models.forward import completion_forward, take
+from tether.online import global_counts
 from tether.rollout import SamplingParams, get_sampler
 
 TINY = "tiny:hidden_size=64,intermediate_size=128,num_hidden_layers=2"

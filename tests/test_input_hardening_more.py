@@ -16,8 +16,9 @@ from tether.data.loading import DataError
 from tether.data.preference import build_preference_pairs, build_unpaired_examples
 from tether.data.sft import build_sft_examples
 from tether.models.tiny import tiny_tokenizer
+from tether import online
 from tether.recipes import grpo
-from tether.recipes.online import load_prompts
+from tether.rollout.prompts import load_prompts
 
 TOKENIZER = tiny_tokenizer()
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -202,7 +203,7 @@ def test_overlong_prompts_never_reach_the_sampler_in_a_run(tmp_path, monkeypatch
     reward = tmp_path / "reward.py"
     reward.write_text("def ones(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
     seen = []
-    real_build = grpo.build_sampler
+    real_build = online.build_sampler
 
     def spying_build(config, model, tokenizer):
         sampler = real_build(config, model, tokenizer)
@@ -215,7 +216,7 @@ def test_overlong_prompts_never_reach_the_sampler_in_a_run(tmp_path, monkeypatch
         sampler.generate = generate
         return sampler
 
-    monkeypatch.setattr(grpo, "build_sampler", spying_build)
+    monkeypatch.setattr(online, "build_sampler", spying_build)
     config = load_config(grpo.GRPOConfig, None, [
         f"data={path}", f"model={MODEL}", f"rewards=[{{name: '{reward}:ones'}}]", f"output_dir={tmp_path / 'run'}",
         "report_to=[]", "progress=false", "batch_size=2", "group_size=2", "max_steps=3", "max_prompt_length=8",

@@ -1,4 +1,4 @@
-"""The online-RL pieces shared by grpo and ppo (tether/recipes/online.py): RL prompt loading and validation,
+"""The online-RL pieces shared by grpo and ppo (tether/online.py, tether/rollout/, tether/runtime/): RL prompt loading and validation,
 the rollout → score step, dynamic sampling, the on-policy shortcut for π_old, the reference (none at β = 0,
 the adapter-disabled base under LoRA), masks, whitening, samples.jsonl and resumable prompt order."""
 
@@ -14,10 +14,16 @@ from tether import models
 from tether.config import load_config
 from tether.data.loading import DataError
 from tether.ops import masked_whiten
-from tether.recipes import grpo, online, ppo
-from tether.recipes.online import (PromptStream, Rollout, SampleWriter, Timer, completion_forward, derive_seed,
-                                   explained_variance, generate_and_score, linear_schedule, load_prompts,
-                                   old_logprobs, rollout_tensors, sample_rollout, whiten)
+from tether import online
+from tether.data.batching import derive_seed
+from tether.models.forward import completion_forward
+from tether.online import linear_schedule, old_logprobs
+from tether.recipes import grpo, ppo
+from tether.rollout.prompts import Prompt, PromptStream, load_prompts
+from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
+from tether.runtime.distributed import explained_variance, whiten
+from tether.runtime.logger import SampleWriter
+from tether.runtime.metrics import Timer
 from tether.rewards import RewardSet
 from tether.rollout import SamplingParams, get_sampler
 
@@ -237,7 +243,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tmp_path, tiny):
 def test_rollout_select_concat_and_masks(tiny):
     """select/concat keep prompts, completions and every reward column aligned; loss_mask drops the
     completions no reward could judge (None) and, under mask_truncated, those cut at the length limit."""
-    prompts = [online.Prompt("x", tiny[1]("x")["input_ids"], {}, 0), online.Prompt("y", tiny[1]("y")["input_ids"], {}, 1)]
+    prompts = [Prompt("x", tiny[1]("x")["input_ids"], {}, 0), Prompt("y", tiny[1]("y")["input_ids"], {}, 1)]
 
     def reward(prompts, completions, **columns):
         return [None if i == 1 else float(i) for i in range(len(completions))]

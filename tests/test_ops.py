@@ -15,10 +15,10 @@ from tether.ops import (
     masked_sum,
     masked_var,
     masked_whiten,
-    model_token_logprobs,
     position_ids_from_mask,
     token_logprobs,
 )
+from tether.models.forward import model_token_logprobs
 
 
 def naive_token_logprobs(logits, labels):

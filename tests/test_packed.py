@@ -13,7 +13,7 @@ from tether.config import load_config
 from tether.data.batching import collate_prompt_completion
 from tether.models import packed
 from tether.models.shared_prompt import _packed_layout, completion_logprobs
-from tether.ops import model_token_logprobs
+from tether.models.forward import model_token_logprobs
 from tether.recipes import dpo, sft
 from test_shared_prompt import make_model  # a small Llama; vocab >= 4096 takes the chunked LM-head path
 

@@ -9,8 +9,9 @@ from tether import models
 from tether.config import load_config
 from tether.models import LoraConfig
 from tether.models.reference import Reference
-from tether.ops import model_token_logprobs
-from tether.recipes import dpo, grpo, online
+from tether.models.forward import model_token_logprobs
+from tether import online
+from tether.recipes import dpo, grpo
 
 TINY = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
 

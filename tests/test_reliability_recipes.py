@@ -33,11 +33,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tether import models
+from tether import models, online
 from tether.config import load_config
 from tether.recipes import grpo, sft
 from tether.recipes.grpo import GRPOConfig, grpo_loss
-from tether.recipes.online import SampleWriter, global_counts, take
+from tether.models.forward import take
+from tether.online import global_counts
+from tether.runtime.logger import SampleWriter
 from tether.rewards import RewardSet
 from tether.rollout import RolloutBatch
 from tether.runtime import checkpoint as ckpt
@@ -445,7 +447,7 @@ def test_grpo_run_with_only_empty_completions_trains_on_finite_numbers(tmp_path,
     data.write_text("".join(json.dumps({"prompt": "x" * (1 + i)}) + "\n" for i in range(4)))
     reward = tmp_path / "reward.py"
     reward.write_text("def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n")
-    monkeypatch.setattr(grpo, "build_sampler", lambda config, model, tokenizer: EmptySampler())
+    monkeypatch.setattr(online, "build_sampler", lambda config, model, tokenizer: EmptySampler())
     grpo.train(load_config(GRPOConfig, None, [
         f"data={data}", f"model={MODEL}", f"rewards=[{{name: '{reward}:length'}}]", f"output_dir={tmp_path / 'run'}",
         "report_to=[]", "progress=false", "batch_size=2", "group_size=2", "max_steps=2", "max_prompt_length=8",

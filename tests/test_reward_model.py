@@ -26,7 +26,8 @@ from tether.models.value import (
     load_value_model,
     sequence_rewards,
 )
-from tether.recipes.reward_model import RewardModelConfig, split_held_out, train
+from tether.data.splits import split_held_out
+from tether.recipes.reward_model import RewardModelConfig, train
 from tether.rewards import get_reward
 
 TINY = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"

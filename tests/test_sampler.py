@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tether.models.tiny import tiny_model, tiny_tokenizer
-from tether.ops import model_token_logprobs
+from tether.models.forward import model_token_logprobs
 from tether.rollout import BuiltinSampler, SamplingParams, filter_logits, get_sampler, select_tokens
 
 PROMPTS = ["a", "hello wor", "1+2=3, 4"]  # different lengths: the batch is left-padded

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tether.recipes.dpo as dpo
-import tether.recipes.online as online
+import tether.models.forward as online
 from tether.data.preference import PreferencePair
 from tether.data.batching import collate_prompt_completion
 from tether.models import packed

@@ -1,3 +1,5 @@
+"""`python -m tether`: the command line (tether.cli)."""
+
 from tether.cli import main
 
 if __name__ == "__main__":

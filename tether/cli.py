@@ -10,22 +10,32 @@ import importlib
 import logging
 import sys
 
-from tether.config import ConfigError, config_help, load_config
+from tether.annotate.store import StoreError
+from tether.config import ConfigError, check_data_files, config_help, load_config
+from tether.data.loading import DataError
+from tether.rewards import (RewardContractError, RewardFunctionError, RewardSetupError, RewardSpecError,
+                            RewardTimeoutError)
 
-# subcommand → "module:ConfigClass:train_function"; modules are imported only when their command runs.
+# subcommand → "module:ConfigClass:train_function": the config (tether.config.<module>, plain Python) is
+# loaded and validated first, so a config error appears before torch is imported; the recipe
+# (tether.recipes.<module>) is imported only once the config is good.
 RECIPES = {
-    "sft": "tether.recipes.sft:SFTConfig:train",
-    "rm": "tether.recipes.reward_model:RewardModelConfig:train",
-    "dpo": "tether.recipes.dpo:DPOConfig:train",
-    "grpo": "tether.recipes.grpo:GRPOConfig:train",
-    "ppo": "tether.recipes.ppo:PPOConfig:train",
-    "best-of-n": "tether.recipes.best_of_n:BestOfNConfig:run",
-    "rft": "tether.recipes.rft:RFTConfig:train",
-    "distill": "tether.recipes.distill:DistillConfig:train",
+    "sft": "sft:SFTConfig:train",
+    "rm": "reward_model:RewardModelConfig:train",
+    "dpo": "dpo:DPOConfig:train",
+    "grpo": "grpo:GRPOConfig:train",
+    "ppo": "ppo:PPOConfig:train",
+    "best-of-n": "best_of_n:BestOfNConfig:run",
+    "rft": "rft:RFTConfig:train",
+    "distill": "distill:DistillConfig:train",
+    # a full module path: the config class and the function live in one (torch-free until it runs) module
     "annotate": "tether.annotate.cli:AnnotateConfig:serve",
     "annotate export": "tether.annotate.cli:ExportConfig:export_labels",
     "annotate stats": "tether.annotate.cli:ExportConfig:show_stats",
 }
+USER_ERRORS = (DataError, RewardContractError, RewardSetupError, StoreError, FileNotFoundError)
+"""Bad input found after the config loaded (a data row, a reward's output, a missing file): one line, exit 2.
+`DataError` covers its subclasses (e.g. the code reward's `CodeTestsError`)."""
 # subcommand → "module:function(argv) -> int"
 TOOLS = {
     "generate": "tether.generate:generate_main",
@@ -82,14 +92,22 @@ def _split(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return config_path, overrides, want_help
 
 
+def recipe_config(command: str):
+    """The config class of a recipe command (torch-free)."""
+    module_name, config_name, _ = RECIPES[command].split(":")
+    module_name = module_name if module_name.startswith("tether.") else f"tether.config.{module_name}"
+    return getattr(importlib.import_module(module_name), config_name)
+
+
 def load_recipe(command: str):
-    module_name, config_name, function_name = RECIPES[command].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, config_name), getattr(module, function_name)
+    """(config class, train function) of a recipe command; imports the recipe (and torch)."""
+    module_name, _, function_name = RECIPES[command].split(":")
+    module_name = module_name if module_name.startswith("tether.") else f"tether.recipes.{module_name}"
+    return recipe_config(command), getattr(importlib.import_module(module_name), function_name)
 
 
 def run_recipe(command: str, argv: list[str]) -> int:
-    config_cls, train = load_recipe(command)
+    config_cls = recipe_config(command)
     config_path, overrides, want_help = _split(argv)
     if want_help:
         doc = (config_cls.__doc__ or "").strip()
@@ -97,6 +115,8 @@ def run_recipe(command: str, argv: list[str]) -> int:
         print(config_help(config_cls))
         return 0
     config = load_config(config_cls, config_path, overrides)
+    check_data_files(config)
+    _, train = load_recipe(command)
     result = train(config)
     if result is not None:
         print(f"done: {result}")
@@ -105,9 +125,10 @@ def run_recipe(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    from tether.runtime.distributed import exit_worker
+    if "torch" in sys.modules:  # no torch, no process group (e.g. a config error): nothing to leave
+        from tether.runtime.distributed import exit_worker
 
-    exit_worker(code)  # under torchrun: exits here (see its docstring); one process returns
+        exit_worker(code)  # under torchrun: exits here (see its docstring); one process returns
     return code
 
 
@@ -130,31 +151,28 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as err:
         print(f"tether {command}: config error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ == "RewardFunctionError":  # the user's function raised: one line + their own frames
-            print(f"tether {command}: {err}", file=sys.stderr)
-            for frame in getattr(err, "frames", []):
-                print(f"  at {frame}", file=sys.stderr)
-            return 2
-        if type(err).__name__ == "RewardTimeoutError":
-            print(f"tether {command}: {err}", file=sys.stderr)
-            return 1
-        from tether.runtime.distributed import failure_message  # under torchrun: another rank died or hung
+    except RewardSpecError as err:
+        print(f"tether {command}: config error: config key 'rewards': {err}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except RewardFunctionError as err:  # the user's function raised: one line + their own frames
+        print(f"tether {command}: {err}", file=sys.stderr)
+        for frame in err.frames:
+            print(f"  at {frame}", file=sys.stderr)
+        return 2
+    except RewardTimeoutError as err:
+        print(f"tether {command}: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # under torchrun: another rank died or hung → say so instead of a gloo/nccl trace
+        from tether.runtime.distributed import failure_message
 
         message = failure_message(err)
         if message is None:
             raise
         print(f"tether {command}: {message}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
-        if type(err).__name__ == "RewardSpecError":
-            print(f"tether {command}: config error: config key 'rewards': {err}", file=sys.stderr)
-            return 2
-        if type(err).__name__ in ("DataError", "RewardContractError", "RewardSetupError", "CodeTestsError",
-                                  "FileNotFoundError", "StoreError"):
-            print(f"tether {command}: {type(err).__name__}: {err}", file=sys.stderr)
-            return 2
-        raise
     import difflib
 
     close = difflib.get_close_matches(command, list(RECIPES) + list(TOOLS), n=1)

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import sys
 
-from tether.data.chat import prompt_text
+from tether.data.chat import encode_prompt  # noqa: F401  (re-exported: tether.generate.encode_prompt)
 from tether.data.loading import DataError, load_rows
-from tether.rollout.sampler import SamplingParams, get_sampler
+from tether.rollout import SamplingParams, get_sampler
 from tether.runtime import distributed
 from tether.runtime.options import parse_args
 
@@ -48,14 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     return parser
-
-
-def encode_prompt(tokenizer, prompt, chat_template: str) -> list[int]:
-    """Prompt token ids exactly as the SFT data path builds them (tether.data.sft), so sampling sees what
-    training saw: templated text carries its own special tokens; plain text gets the tokenizer's (e.g. BOS)."""
-    text = prompt_text(tokenizer, prompt, chat_template=chat_template)
-    templated = text is not prompt
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 def read_prompt_rows(args) -> tuple[list[dict], str]:

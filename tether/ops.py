@@ -8,7 +8,6 @@ result, even when the value there is NaN or inf.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Callable, Optional, Sequence, Union
 
@@ -247,61 +246,8 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def model_token_logprobs(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    return_entropy: bool = False,
-    target_mask: Optional[Tensor] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Log-prob of each next token under `model`, for left- or right-padded batches.
-
-    input_ids, attention_mask (B, T) -> (logprobs (B, T-1), entropy (B, T-1) or None).
-    logprobs[:, t] = log pi(input_ids[:, t+1] | input_ids[:, :t+1]) at `temperature`;
-    positions whose target token is padding are 0 (logprobs and entropy), and so is the
-    position that predicts a left-padded sequence's first token from a pad token (the
-    unpadded sequence has no log-prob for its first token either). `target_mask` (B, T-1),
-    e.g. a loss mask, limits the scored targets further: the others are 0 too.
-
-    Where `models.packed` applies (config key `padding_free`, supported models) the rows' real tokens run as
-    one packed sequence, so no work is spent on padding. When the logits are a plain linear head on the last hidden
-    state (most causal LMs), the head is applied chunk by chunk to the scored positions only
-    (`linear_token_logprobs`): the (B, T, V) logits never exist. Otherwise the model's logits are used.
-    """
-    from tether.models import packed
-
-    target = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1)
-    if target_mask is not None:
-        target &= target_mask.bool()
-    # Shift labels instead of slicing logits[:, :-1]: the slice is not contiguous and would
-    # copy the whole (B, T, V) tensor. The last position gets label -100 and is dropped.
-    labels = torch.full_like(input_ids, -100)  # (B, T)
-    labels[:, :-1] = input_ids[:, 1:].masked_fill(~target, -100)
-
-    rows = packed.pack_rows(attention_mask) if packed.unsupported_reason(model) is None else None
-    if rows is not None:  # one row (1, N) of every real token; positions restart in each row
-        index, layout = rows
-        positions = position_ids_from_mask(attention_mask).flatten()[index][None]
-        forward = functools.partial(packed.packed_forward, model, input_ids.flatten()[index][None], positions,
-                                    layout)
-        logprobs, entropy = _forward_logprobs(model, forward, labels.flatten()[index][None], temperature,
-                                              chunk_size, return_entropy)  # (1, N)
-        logprobs = packed.unpack(logprobs, index, input_ids.shape)  # (B, T), 0 on padding
-        entropy = packed.unpack(entropy, index, input_ids.shape) if return_entropy else None
-    else:
-        kwargs = {}
-        if bool((attention_mask[:, 0] == 0).any()):  # left padding: positions must start at 0
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        forward = functools.partial(model, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        logprobs, entropy = _forward_logprobs(model, forward, labels, temperature, chunk_size, return_entropy)
-    return logprobs[:, :-1], (entropy[:, :-1] if return_entropy else None)
-
-
-def _forward_logprobs(model, forward: Callable, labels: Tensor, temperature: float, chunk_size: int,
-                      return_entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+def forward_logprobs(model, forward: Callable, labels: Tensor, temperature: float, chunk_size: int,
+                     return_entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs (and entropies) of `labels` (B, T) (-100: not scored, 0 there) from `forward(**kwargs)`,
     the model's forward over the batch the labels belong to."""
     head = plain_lm_head(model)
@@ -348,12 +294,15 @@ def masked_var(
     return sq_dev / ((count - 1) if unbiased else count).clamp(min=1)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, *,
+                  mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
     """(values - mean) / sqrt(var + eps) over masked entries; masked-out entries become 0.
 
-    shift_mean=False adds the mean back (scale only), as in TRL's `masked_whiten`.
+    shift_mean=False adds the mean back (scale only), as in TRL's `masked_whiten`. `mean`/`var` default to
+    this batch's masked mean and unbiased variance; `runtime.distributed.whiten` passes every rank's.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean = masked_mean(values, mask) if mean is None else mean
+    var = masked_var(values, mask) if var is None else var
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

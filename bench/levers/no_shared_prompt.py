@@ -6,10 +6,11 @@ from __future__ import annotations
 
 
 def apply() -> None:
-    from tether.recipes import dpo, online
+    from tether.models import forward
+    from tether.recipes import dpo
 
     def never(model, prompt_index):
         return False
 
-    online.shares_prompts = never
+    forward.shares_prompts = never
     dpo.shares_prompts = never

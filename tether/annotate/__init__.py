@@ -10,9 +10,19 @@ See docs/annotate.md.
 
 from tether.annotate.agreement import cohen_kappa, fleiss_kappa, stats
 from tether.annotate.export import decide, export
-from tether.annotate.pairs import read_pairs
 from tether.annotate.server import AnnotateServer
 from tether.annotate.store import Item, LabelStore, StoreError
+
+
+
+def __getattr__(name: str):
+    """`read_pairs` loads lazily: it reads preference rows (torch); the store and the page need no torch."""
+    if name == "read_pairs":
+        from tether.annotate.pairs import read_pairs
+
+        return read_pairs
+    raise AttributeError(name)
+
 
 __all__ = ["AnnotateServer", "Item", "LabelStore", "StoreError", "cohen_kappa", "decide", "export", "fleiss_kappa",
            "read_pairs", "stats"]

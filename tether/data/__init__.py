@@ -1,0 +1,1 @@
+"""Datasets: loading and validation, chat templates, tokenization, batching, held-out splits."""

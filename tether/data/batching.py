@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -129,3 +131,9 @@ def collate_prompt_completion(prompts: list[list[int]], completions: list[list[i
         attention_mask[row, P - len(prompt):P + len(completion)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": attention_mask[:, P:].float(),
             "prompt_index": torch.tensor(prompt_index, dtype=torch.long), "prompt_length": P}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. (seed, step, attempt, position)): a resumed step samples the same."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -86,3 +86,11 @@ def prompt_text(tokenizer, prompt, *, chat_template: str = "auto") -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     return prompt
+
+
+def encode_prompt(tokenizer, prompt, chat_template: str) -> list[int]:
+    """Prompt token ids exactly as the SFT data path builds them (tether.data.sft), so sampling sees what
+    training saw: templated text carries its own special tokens; plain text gets the tokenizer's (e.g. BOS)."""
+    text = prompt_text(tokenizer, prompt, chat_template=chat_template)
+    templated = text is not prompt
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]

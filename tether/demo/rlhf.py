@@ -30,9 +30,9 @@ from tether.config import load_config
 from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html
 from tether.demo.tasks import (TOPICS, demonstration_rows, gold_reward, is_well_formed, preference_rows,
                                topic_prompt)
-from tether.generate import encode_prompt
+from tether.data.chat import encode_prompt
 from tether.models.value import RewardScorer
-from tether.ops import model_token_logprobs
+from tether.models.forward import model_token_logprobs
 from tether.recipes import best_of_n, dpo, grpo, ppo, reward_model, sft
 from tether.rollout import SamplingParams, get_sampler
 from tether.runtime.checkpoint import complete_checkpoints

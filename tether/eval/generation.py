@@ -29,7 +29,7 @@ from typing import Literal
 
 from tether.data.loading import DataError, load_rows
 from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
-from tether.generate import encode_prompt
+from tether.data.chat import encode_prompt
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
 from tether.runtime import distributed
 from tether.runtime.options import parse_args

@@ -6,13 +6,14 @@ import functools
 import inspect
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from tether.config import LoraConfig  # declared with the configs (plain Python); re-exported here
 from tether.models.tiny import tiny_model, tiny_tokenizer
 
 TINY = "tiny"
@@ -37,18 +38,9 @@ def parse_tiny(name: str) -> dict | None:
     return overrides
 
 
-@dataclass
-class LoraConfig:
-    """LoRA adapter options (Hu et al. 2021); `r = 0` means no LoRA, full fine-tuning."""
-
-    r: int = 0
-    """Rank of the low-rank update; 0 disables LoRA."""
-    alpha: float = 16.0
-    """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names that receive adapters (e.g. q_proj, v_proj; "all-linear" for every linear layer)."""
+def is_fsdp(model) -> bool:
+    """True when `model` was sharded with FSDP2's `fully_shard` (its parameters are DTensor shards)."""
+    return isinstance(model, FSDPModule)
 
 
 def check_model_name(name: str) -> None:

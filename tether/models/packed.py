@@ -184,6 +184,10 @@ def unsupported_reason(model) -> str | None:
 
 @contextlib.contextmanager
 def _packed_attention(model):
+    """Route `model`'s attention to `packed_attention` for one call. The function itself is registered through
+    transformers' public AttentionInterface (above); what selects it is the config's `_attn_implementation`,
+    which has no public per-call setter, so it is switched here and restored, and only here (tests/test_packed.py
+    `test_packed_attention_is_what_runs` fails if a transformers release stops honouring it)."""
     config = unwrap(model).config
     saved = config._attn_implementation
     config._attn_implementation = ATTENTION

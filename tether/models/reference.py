@@ -9,8 +9,8 @@ one of three forms:
     none               β = 0 or a reference-free loss (SimPO, ORPO): the recipe builds no `Reference`,
                        so no model is copied or loaded and no reference forward runs
 
-Build it before `run.start` loads resumed weights, so that π_ref is always the starting policy. This
-module only handles models; what a forward computes (sequence or per-token log-probs) is the recipe's.
+Build it before `run.start` loads resumed weights, so that π_ref is always the starting policy. `logps` runs
+any forward under π_ref; `logprobs` reads it at a rollout's completion tokens (`tether.models.forward`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import copy
 import torch
 
 from tether.models import is_peft, unwrap
+from tether.models.forward import logprob_fn, scoring_pass
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,3 +66,8 @@ class Reference:
         """The log-probs under π_ref, without gradients: the first output of `fn(model, *args, **kwargs)`."""
         with self.active() as model:
             return fn(model, *args, **kwargs)[0]
+
+    def logprobs(self, batch: dict, micro_size: int, temperature: float) -> torch.Tensor:
+        """log π_ref of every completion token of a rollout batch, (N, C), `micro_size` rows per forward."""
+        with self.active() as model:
+            return scoring_pass(logprob_fn(model, temperature), batch, micro_size)

@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from tether.models import cache_kwargs, packed, unwrap
+from tether.models import cache_kwargs, is_fsdp, packed, unwrap
 from tether.ops import (entropy_from_logits, head_reproduces, linear_token_logprobs, plain_lm_head,
                         position_ids_from_mask, token_logprobs)
-from tether.runtime import distributed
 
 
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep for a pass whose hidden states are all it needs
@@ -54,7 +53,7 @@ def shares_prompts(model, prompt_index: Tensor) -> bool:
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.x; older: the other
     if checkpointing is None:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    return not checkpointing and not distributed.is_fsdp(model)
+    return not checkpointing and not is_fsdp(model)
 
 
 def completion_states(model, batch: dict, *, hidden: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from tether.models import LoraConfig, check_model_name, is_peft, load_tokenizer, parse_tiny, quiet_peft, unwrap
+from tether.models.device import choose_device, choose_dtype
 from tether.ops import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -146,8 +147,6 @@ class RewardScorer:
 
     def __init__(self, path_or_model, tokenizer=None, *, device: str | torch.device = "auto", batch_size: int = 16,
                  chat_template: str = "auto", max_length: int | None = None, dtype: str = "auto"):
-        from tether.runtime.device import choose_device, choose_dtype
-
         self.device = choose_device(device) if isinstance(device, str) else device
         if isinstance(path_or_model, (str, Path)):
             model, tokenizer = load_reward_model(str(path_or_model), dtype=choose_dtype(dtype, self.device))

@@ -1,0 +1,1 @@
+"""Training recipes, one thin loop per file; what two recipes share lives below them (tests/test_layers.py)."""

@@ -18,166 +18,24 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from tether import models
-from tether.config import ConfigError, DistributedConfig, save_config
+from tether.config.best_of_n import BestOfNConfig
 from tether.data.loading import load_rows
-from tether.eval.generation import sample_share, write_jsonl
-from tether.eval.score import score_samples
+from tether.eval.generation import write_jsonl
+from tether.eval.sampling import (candidate_rewards, load_sampling_model, number, reward_specs,  # noqa: F401
+                                  sample_and_score, select)
 from tether.rewards import RewardSet
-from tether.rollout import SamplingParams
 from tether.runtime import distributed
-from tether.runtime.device import choose_device, choose_dtype
+from tether.runtime.run import open_run_dir
 
 log = logging.getLogger("tether")
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled (the `sampling:` section of best-of-n, rft and distill)."""
-
-    n: int = 4
-    """Samples per prompt."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 is greedy (then all n samples are the same)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1 = off)."""
-    top_k: int = 0
-    """Sample only among the k most likely tokens (0 = off)."""
-    min_p: float = 0.0
-    """Drop tokens below min_p × the top token's probability (0 = off)."""
-    max_new_tokens: int = 256
-    """Most tokens per completion."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a completion (cut from the text)."""
-    batch_size: int = 16
-    """Prompts per generate call (each with n samples)."""
-    engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampling engine: the built-in KV-cache sampler, or vLLM (CUDA, when installed)."""
-
-    def params(self, seed: int) -> SamplingParams:
-        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              min_p=self.min_p, max_new_tokens=self.max_new_tokens, stop=self.stop, seed=seed)
-
-    def validate(self) -> None:
-        try:
-            self.params(seed=0)
-        except ValueError as err:
-            raise ConfigError(f"config section 'sampling': {err}") from None
-        if self.batch_size < 1:
-            raise ConfigError(f"config key 'sampling.batch_size': must be >= 1, got {self.batch_size}")
-
-
-@dataclass
-class BestOfNConfig:
-    """Best-of-N: sample N completions per prompt, keep the one with the highest reward."""
-
-    model: str = "tiny"
-    """Model that samples: `tiny`, a local Hugging Face folder, or a hub name."""
-    data: str = ""
-    """Prompts: rows with `prompt` (string or message list); other columns go to the reward functions."""
-    data_split: str = "train"
-    """Split to read when `data` is a `datasets` name or folder with splits."""
-    output_dir: str = "runs/best_of_n"
-    """Folder for best.jsonl, all.jsonl (write_all), summary.json and config.yaml."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """How the N samples are drawn (sampling.n is N)."""
-    rewards: list[dict | str] = field(default_factory=list)
-    """Reward functions, each {name, weight, ...options} (e.g. [{name: math}]); combined by weight."""
-    reward_model: str = ""
-    """A reward model folder (tether rm's final/); its score is added to the rewards with weight 1."""
-    write_all: bool = False
-    """Also write all.jsonl: every sample with its rewards and whether it was chosen."""
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
-    seed: int = 0
-    """Sampling seed (and the init seed of `tiny`)."""
-    device: str = "auto"
-    """auto, cpu or cuda[:N]."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Model dtype: auto = float32 on CPU, bfloat16 on CUDA."""
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """Under torchrun: timeout_s (every rank holds the whole sampling model and samples its share of the
-    prompts; strategy does not apply)."""
-
-    def validate(self) -> None:
-        if not self.rewards and not self.reward_model:
-            raise ConfigError("config key 'rewards': give reward functions (e.g. rewards=[{name: math}]) "
-                              "and/or a reward_model folder to score the samples")
-
-
-def reward_specs(rewards: list, reward_model: str) -> list:
-    """The RewardSet specs of a recipe: its `rewards` plus its `reward_model` folder, if any."""
-    return list(rewards) + ([{"name": "reward_model", "path": reward_model}] if reward_model else [])
-
-
-# ----------------------------------------------------------------------------- choosing samples (pure)
-
-def select(rewards: list[float | None], *, threshold: float | None = None, top_k: int = 0) -> list[int]:
-    """Indices of the samples to keep, in sample order: reward not None, >= threshold (if given), and among
-    the top_k highest (if top_k > 0; on equal rewards the earlier sample ranks higher).
-
-    Best-of-N is `select(rewards, top_k=1)`.
-    """
-    candidates = [i for i, r in enumerate(rewards) if r is not None and (threshold is None or r >= threshold)]
-    if top_k > 0:
-        candidates = sorted(sorted(candidates, key=lambda i: (-rewards[i], i))[:top_k])
-    return candidates
-
-
-def candidate_rewards(samples: list[dict]) -> list[float | None]:
-    """Each sample's reward, None for an empty completion (never chosen: it makes no training example)."""
-    return [s["reward"] if s["completion"].strip() else None for s in samples]
-
-
-# ----------------------------------------------------------------------------- sample and score
-
-def sample_and_score(model, tokenizer, rows: list[dict], *, sampling: SamplingConfig, rewards: RewardSet,
-                     seed: int, chat_template: str = "auto", source: str = "data") -> list[list[dict]]:
-    """N samples per row, scored. Returns, per row, its samples as dicts:
-    {prompt, completion, reward (weighted total), rewards: {function: value}, sample_index, finish_reason,
-    completion_tokens, ...the row's other columns}.
-
-    Under torchrun each rank samples and scores its share of the rows (whole chunks of sampling.batch_size,
-    seeded as one process seeds them: `sample_share`) and every rank returns every row's samples, in row
-    order: the same result as one process."""
-    share, batch = sample_share(model, tokenizer, rows, sampling.params(seed), batch_size=sampling.batch_size,
-                                chat_template=chat_template, engine=sampling.engine, source=source)
-    mine = rows[share.start:share.stop]
-    per_row: list[list[dict]] = [[] for _ in mine]
-    if mine:
-        lengths = [len(ids) for ids in batch.completion_ids]
-        scored = score_samples(rewards, mine, batch.completions, batch.prompt_index, completion_lengths=lengths)
-        for i, (p, j) in enumerate(zip(batch.prompt_index, batch.sample_index)):
-            per_row[p].append({
-                **mine[p], "completion": batch.completions[i], "reward": scored.total[i],
-                "rewards": {name: values[i] for name, values in scored.per_function.items()},
-                "sample_index": j, "finish_reason": batch.finish_reasons[i], "completion_tokens": lengths[i],
-            })
-    return distributed.gather_lists(per_row)
-
-
-def number(value: float | None) -> str:
-    """A mean for the log: 4 decimals, or n/a when there was nothing to average."""
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def load_sampling_model(name: str, device: str, dtype: str, seed: int):
-    device = choose_device(device)
-    return models.load(name, dtype=choose_dtype(dtype, device), device=device, seed=seed)
 
 
 def run(config: BestOfNConfig) -> Path:
     """Run best-of-N as configured; returns the path of best.jsonl. Under torchrun each rank samples a share
     of the prompts and rank 0 writes the files, the same as one process writes."""
-    distributed.init(config.distributed.timeout_s)
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out = open_run_dir(config)
     rows = load_rows(config.data, config.data_split)
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
     reward_set.check_rows(config.data, list(enumerate(rows)))

@@ -21,63 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from tether import models
 from tether.config import ConfigError, save_config
-from tether.data.batching import BatchOrder, collate_sft, split_micro_batches
+from tether.config.distill import DistillConfig
+from tether.config.sft import sft_config
+from tether.eval.sampling import load_sampling_model
+from tether.data.batching import collate_sft, split_micro_batches
 from tether.data.loading import load_rows
 from tether.eval.generation import sample_share, write_jsonl
 from tether.losses import distill_loss, sft_loss
 from tether.ops import token_logprobs
 from tether.recipes import sft
-from tether.recipes.best_of_n import SamplingConfig, load_sampling_model
-from tether.recipes.rft import link_final, sft_config
 from tether.runtime import distributed
+from tether.runtime.checkpoint import link_final
 from tether.runtime.run import Run, autocast
 
 log = logging.getLogger("tether")
-
-
-@dataclass
-class TraceSampling(SamplingConfig):
-    """How the teacher samples traces (the `sampling:` section of distill)."""
-
-    n: int = 1
-    """Traces per prompt."""
-
-
-@dataclass
-class DistillConfig(sft.SFTConfig):
-    """Distil a teacher into the student (`model`): SFT on teacher traces, optionally plus token-level KD."""
-
-    teacher: str = ""
-    """Teacher model (folder or hub name) that writes the traces and, with kd_coef > 0, gives the distributions."""
-    traces: str = ""
-    """Ready traces ({prompt, completion} or {messages} rows) instead of generating them; then `data` stays empty."""
-    sampling: TraceSampling = field(default_factory=TraceSampling)
-    """How the teacher samples traces on the `data` prompts (sampling.n traces per prompt)."""
-    kd_coef: float = 0.0
-    """Weight of the token-level distillation loss; 0 is plain SFT on the traces."""
-    kd_kind: Literal["forward", "reverse"] = "forward"
-    """forward: KL(teacher ‖ student) (Hinton et al.); reverse: KL(student ‖ teacher) (MiniLLM)."""
-    kd_temperature: float = 1.0
-    """Softmax temperature of both distributions in the KD loss."""
-
-    def validate(self) -> None:
-        super().validate()
-        if bool(self.data) == bool(self.traces):
-            raise ConfigError("config key 'data': give either `data` (prompts the teacher completes) or `traces` "
-                              "(ready {prompt, completion} rows), not both or neither")
-        if not self.teacher and (self.data or self.kd_coef > 0):
-            raise ConfigError("config key 'teacher': generating traces and kd_coef > 0 both need a teacher model")
-        if self.kd_coef < 0 or self.kd_temperature <= 0:
-            raise ConfigError("config keys 'kd_coef' / 'kd_temperature': kd_coef must be >= 0 and "
-                              "kd_temperature > 0")
 
 
 def train(config: DistillConfig) -> Path:
@@ -136,11 +99,7 @@ def check_shared_vocab(student_tokenizer, teacher_tokenizer) -> None:
 def train_with_kd(config: DistillConfig) -> Path:
     """SFT NLL + kd_coef · token-level KD against the teacher, on config.data (the traces)."""
     run = Run(config)
-    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model()
     teacher, _ = models.load(config.teacher, dtype=run.dtype, device=run.device, seed=config.seed)
     teacher.eval().requires_grad_(False)
     vocab = len(tokenizer)  # models may pad their logits past the tokenizer's vocabulary; compare the real tokens
@@ -150,15 +109,9 @@ def train_with_kd(config: DistillConfig) -> Path:
     eval_examples = []
     if config.eval_data:
         eval_examples, _ = sft.load_examples(config, tokenizer, config.eval_data, config.data_split)
-    order = BatchOrder(len(examples), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(examples))
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         num_tokens = sum(sum(examples[i].loss_mask[1:]) for i in global_batch)  # completion tokens, whole batch
         totals = torch.zeros(3)  # loss, nll, kd

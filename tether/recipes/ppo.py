@@ -17,74 +17,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from tether import models
 from tether.advantages import gae, kl_shaped_token_rewards
-from tether.config import ConfigError
-from tether.data.batching import split_micro_batches
+from tether.config.ppo import PPOConfig
 from tether.losses import clipped_policy_loss, entropy_bonus, kl_estimate, value_loss
 from tether.models import unwrap
+from tether.models.forward import completion_forward, critic_values, scoring_pass
 from tether.models.value import RewardScorer, ValueHead, ValueModel, from_causal_lm, load_value_model
+from tether.online import setup_online
 from tether.ops import masked_mean
-from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Timer, UpdateStats, build_reference,
-                                   build_sampler, check_strategy, completion_forward, critic_values, derive_seed,
-                                   evaluate_rewards, explained_variance, final_evaluation, global_counts, global_mean,
-                                   kl_metrics, linear_schedule, load_prompt_sets, make_kl_controller, masked_stats,
-                                   minibatches, old_logprobs, rollout_metrics, rollout_tensors, sample_rollout,
-                                   sampling_params, scoring_pass, take, total_steps, whiten)
 from tether.rewards import RewardSet
-from tether.runtime import distributed
+from tether.runtime.distributed import explained_variance, global_mean, masked_stats, whiten
 from tether.runtime.optim import StepGuard
 from tether.runtime.run import Run, autocast
-
-
-@dataclass
-class PPOConfig(OnlineConfig):
-    """PPO with a critic and GAE: policy, frozen reference, reward model or functions, value model."""
-
-    group_size: int = 1
-    """Completions sampled per prompt (PPO needs no groups; >1 gives more completions per prompt)."""
-    reward_model: str = ""
-    """A reward model folder (from `tether rm`) scoring each completion; added to `rewards` with weight 1."""
-    critic: Literal["separate", "shared"] = "separate"
-    """separate: a value model of its own with its own optimizer (initialised from critic_model, or the
-    policy's weights with a new head; trained in full even under LoRA); shared: a value head on the
-    policy's body (one forward, less memory)."""
-    critic_model: str = ""
-    """Initial separate critic: a reward/value model folder (InstructGPT starts it from the reward model)
-    or a causal LM; "" means the starting policy's weights with a fresh head."""
-    gamma: float = 1.0
-    """γ, discount of GAE."""
-    lam: float = 0.95
-    """λ, GAE's bias/variance trade-off (0: one-step TD, 1: Monte-Carlo returns)."""
-    whiten_advantages: bool = True
-    """Normalise the advantages to mean 0, std 1 over the batch's tokens."""
-    value_coef: float = 0.1
-    """c_v, weight of the value loss."""
-    value_clip: float | None = 0.2
-    """ε_v: new values are clipped to old ± ε_v in the value loss (null: no clipping)."""
-    kl_coef: float = 0.05
-    """β, weight of the per-token KL penalty in the reward (InstructGPT). 0 loads no reference."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimate in the reward: k1 = log π_old − log π_ref (InstructGPT), k2, k3."""
-    ppo_epochs: int = 4
-    """μ: update epochs over each step's rollouts."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.rewards and not self.reward_model:
-            raise ConfigError("config key 'rewards': PPO needs a reward: set reward_model (a folder) or rewards "
-                              "(e.g. [{name: math, weight: 1.0}])")
-        if self.critic == "shared" and self.critic_model:
-            raise ConfigError("config key 'critic_model': a shared critic is a head on the policy; leave "
-                              "critic_model empty or set critic=separate")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ConfigError(f"config keys 'gamma', 'lam': must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise ConfigError(f"config key 'value_clip': must be > 0 or null, got {self.value_clip}")
 
 
 def build_critic(config: PPOConfig, policy, pad_id: int):
@@ -153,70 +100,34 @@ def ppo_loss(model, critic, micro: dict, config: PPOConfig, *, counts: dict, tem
 def train(config: PPOConfig) -> Path:
     """Run PPO as configured; returns the `final/` policy folder (the critic is saved in `critic/`)."""
     run = Run(config)
-    check_strategy(config)
-    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-
-    reward_set = build_reward_set(config, run.device)
-    prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
-    kl_controller = make_kl_controller(config)
-    reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
-    critic = run.wrap(build_critic(config, model, tokenizer.pad_token_id).to(run.device))
-    model = run.wrap(model)
-    sampler = build_sampler(config, model, tokenizer)
-    stream = PromptStream(len(prompts), config.seed)
-
-    num_steps = total_steps(config, len(prompts))
-    total_updates = num_steps * config.ppo_epochs * config.num_minibatches
-    optimizer, scheduler = run.optimizer(model, total_updates)
+    online = setup_online(run, config, reward_set=build_reward_set(config, run.device))
+    model, tokenizer = online.model, online.tokenizer
+    critic = run.wrap(build_critic(config, unwrap(model), tokenizer.pad_token_id).to(run.device))
     # The critic has its own optimizer and gradient clipping; its state travels in the checkpoint's extras.
-    critic_optimizer, critic_scheduler = run.optimizer(critic, total_updates)
+    critic_optimizer, critic_scheduler = run.optimizer(critic, online.total_updates)
     critic_guard = StepGuard()
-    start_step, extra = run.start(model, tokenizer, optimizer, scheduler, num_steps)
+    extra = online.start()
     if extra:
-        stream.cursor = extra["prompt_cursor"]
-        kl_controller.load_state_dict(extra["kl_controller"])
-        reward_set.load_state_dict(extra.get("reward_stats"))
         load_critic_state(extra["critic"], critic, critic_optimizer, critic_scheduler, critic_guard)
-    samples = SampleWriter(run.dir, config.sample_steps, start_step=start_step, enabled=run.main)
-    schedule_steps = config.schedule_steps or num_steps
-
-    model.train()
     critic.train()
-    for step in range(start_step, num_steps):
-        timer = Timer()
-        group_size = round(linear_schedule(config.group_size, config.group_size_end, step, schedule_steps))
-        temperature = linear_schedule(config.temperature, config.temperature_end, step, schedule_steps)
-        beta = kl_controller.beta
 
-        # 1. Rollout: completions for a batch of prompts, scored by the reward model / functions.
-        rollout, sampled, sampling_metrics = sample_rollout(
-            sampler, reward_set, prompts, stream, sampling_params(config, group_size, temperature),
-            batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
-            chunk_size=config.generation_batch_size)
-        batch = rollout_tensors(rollout, tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
-        N = batch["input_ids"].shape[0]
-        micro_size = config.micro_batch_size or N
-        mask = batch["loss_mask"]  # (N, C)
+    def critic_step() -> dict:
+        grad_norm, _ = critic_guard.step(critic, critic_optimizer, critic_scheduler, config.max_grad_norm)
+        return {"critic_grad_norm": grad_norm}
 
-        # 2. π_old, π_ref and V_old on every completion token, (N, C).
-        with timer.section("old_logprobs"), autocast(run):
-            batch["old_logprobs"] = old_logprobs(config, model, batch, micro_size, temperature)
-        token_kl, kl = torch.zeros_like(batch["old_logprobs"]), {}
-        if reference is not None:
-            with timer.section("reference"), autocast(run):
-                ref_logprobs = reference.logprobs(batch, micro_size, temperature)
-            token_kl = kl_estimate(batch["old_logprobs"], ref_logprobs, config.kl_estimator)  # (N, C)
-            kl = kl_metrics(batch["old_logprobs"], ref_logprobs, batch["completion_mask"], config.kl_estimator)
-        with timer.section("values"), autocast(run):
+    for step in online.steps():
+        # 1-2. Rollout: completions for a batch of prompts, scored; π_old, π_ref and V_old per token, (N, C).
+        exp = online.experience(step)
+        batch, mask = exp.batch, exp.batch["loss_mask"]  # (N, C)
+        with exp.timer.section("values"), autocast(run):
             batch["old_values"] = scoring_pass(lambda micro: values_of(config, model, critic, micro), batch,
-                                               micro_size)
+                                               exp.micro_size)
 
         # 3. KL-penalised token rewards → GAE advantages and returns (unjudged completions carry no loss).
-        scores = torch.nan_to_num(rollout.rewards.to(run.device))  # (N,)
-        token_rewards = kl_shaped_token_rewards(scores, token_kl, batch["completion_mask"], beta=beta)  # (N, C)
+        token_kl = (kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], config.kl_estimator)
+                    if "ref_logprobs" in batch else torch.zeros_like(batch["old_logprobs"]))  # (N, C)
+        scores = torch.nan_to_num(exp.rollout.rewards.to(run.device))  # (N,)
+        token_rewards = kl_shaped_token_rewards(scores, token_kl, batch["completion_mask"], beta=exp.beta)  # (N, C)
         advantages, returns = gae(token_rewards, batch["old_values"], mask, gamma=config.gamma, lam=config.lam)
         adv_metrics = {**masked_stats(advantages, mask, "adv"), **masked_stats(returns, mask, "returns"),
                        "values_mean": global_mean(batch["old_values"], mask),
@@ -226,40 +137,14 @@ def train(config: PPOConfig) -> Path:
         batch["advantages"], batch["returns"] = advantages, returns
 
         # 4. μ epochs over shuffled minibatches: clipped policy loss + value loss (− entropy bonus).
-        stats = UpdateStats()
-        with timer.section("update"):
-            for epoch in range(config.ppo_epochs):
-                for index in minibatches(N, config.num_minibatches, derive_seed(config.seed, step, epoch)):
-                    counts = global_counts(batch, index, config.max_completion_length)
-                    for micro_index in split_micro_batches(index, micro_size):
-                        micro = take(batch, micro_index)
-                        with autocast(run):
-                            loss, terms, metrics = ppo_loss(model, critic, micro, config, counts=counts,
-                                                            temperature=temperature)
-                        (loss * distributed.world_size()).backward()
-                        stats.add(terms, metrics, micro["loss_mask"].sum())
-                    grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
-                    critic_grad_norm, _ = critic_guard.step(critic, critic_optimizer, critic_scheduler,
-                                                            config.max_grad_norm)
-                    stats.optimizer_step(grad_norm)
-                    stats.add({}, {"critic_grad_norm": critic_grad_norm}, 1.0)
-        sampler.load_weights(model)
-        kl_controller.update(kl.get("kl_ref_seq", 0.0), N * distributed.world_size())
+        update_metrics = online.update(exp, lambda micro, counts: ppo_loss(
+            model, critic, micro, config, counts=counts, temperature=exp.temperature),
+            after_optimizer_step=critic_step)
+        online.end_step(exp, {**adv_metrics, **update_metrics}, extra=lambda: {
+            "critic": critic_state(critic, critic_optimizer, critic_scheduler, critic_guard)})
 
-        metrics = {**rollout_metrics(sampled, rollout, batch), **adv_metrics, **kl, **stats.reduce(),
-                   **sampling_metrics, "kl_coef": beta, "temperature": temperature, **timer.metrics()}
-        if eval_prompts and config.eval_steps and (step + 1) % config.eval_steps == 0:
-            metrics.update(evaluate_rewards(sampler, reward_set, eval_prompts, config))
-        samples.write(step + 1, rollout)
-        run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=int(batch["attention_mask"].sum()),
-                     extra=lambda: {"prompt_cursor": stream.cursor, "kl_controller": kl_controller.state_dict(),
-                                    "reward_stats": reward_set.state_dict(),
-                                    "critic": critic_state(critic, critic_optimizer, critic_scheduler,
-                                                           critic_guard)})
-
-    final_evaluation(run, sampler, reward_set, eval_prompts, config)
     if run.main and config.critic == "shared":
         unwrap(critic).save(run.dir / "critic")
     elif run.main:
         unwrap(critic).save_pretrained(run.dir / "critic", tokenizer)
-    return run.finish(model, tokenizer)
+    return online.finish()

@@ -16,13 +16,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from tether.config import ConfigError, TrainConfig
-from tether.data.batching import BatchOrder, split_micro_batches
+from tether.config.reward_model import RewardModelConfig
+from tether.data.batching import split_micro_batches
 from tether.data.loading import load_rows
+from tether.data.splits import split_held_out
 from tether.data.preference import build_preference_pairs, collate_pairs
 from tether.losses import bradley_terry_loss
 from tether.models.value import load_reward_model, sequence_rewards
@@ -32,45 +32,6 @@ from tether.runtime.run import Run, autocast
 log = logging.getLogger("tether")
 
 PAIR_METRICS = ("accuracy", "margin", "rewards_chosen", "rewards_rejected")
-
-
-@dataclass
-class RewardModelConfig(TrainConfig):
-    """Bradley-Terry reward model on preference pairs {prompt, chosen, rejected} (or HH-style conversations)."""
-
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """auto: message lists use the tokenizer's chat template, plain strings are used as is;
-    always: string prompts are wrapped as a user message too; never: no template."""
-    margin_column: str = "margin"
-    """Row field holding an optional per-pair margin m in −log σ(r_w − r_l − m); "" ignores margins."""
-    center_rewards_coef: float = 0.0
-    """Reward centering: adds coef · mean((r_w + r_l)²) to keep rewards near 0 (e.g. 0.01)."""
-    eval_fraction: float = 0.0
-    """Held-out share of `data` when `eval_data` is not given (e.g. 0.1); 0 disables evaluation then."""
-    eval_steps: int = 0
-    """Evaluate pairwise accuracy and margin on the held-out pairs every N steps (0: only at the end)."""
-    skip_bad_rows: bool = False
-    """Skip (and count in the log) rows that are invalid, instead of stopping with an error."""
-
-    def validate(self) -> None:
-        micro = self.micro_batch_size or self.batch_size
-        if self.batch_size % micro:
-            raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"config key 'eval_fraction': expected 0 <= value < 1, got {self.eval_fraction}")
-
-
-def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held_out): a seeded random `fraction` of `items` held out (at least one when fraction > 0)."""
-    if fraction <= 0:
-        return items, []
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(items), generator=generator).tolist()
-    n_held = max(1, int(round(fraction * len(items))))
-    if n_held >= len(items):
-        raise ConfigError(f"config key 'eval_fraction': {fraction} of {len(items)} pairs leaves none to train on")
-    held = set(order[:n_held])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def load_pairs(config, tokenizer, source: str):
@@ -92,11 +53,7 @@ def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch
 def train(config: RewardModelConfig) -> Path:
     """Train a reward model as configured; returns the `final/` model folder."""
     run = Run(config)
-    model, tokenizer = load_reward_model(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model(load_reward_model)
 
     pairs = load_pairs(config, tokenizer, config.data)
     if config.eval_data:
@@ -107,15 +64,9 @@ def train(config: RewardModelConfig) -> Path:
     log.info("reward model: %d training pairs, %d held-out pairs%s", len(pairs), len(eval_pairs),
              ", with margins" if use_margin else "")
 
-    order = BatchOrder(len(pairs), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(pairs))
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         num_pairs = len(global_batch)
         sums = torch.zeros(1 + len(PAIR_METRICS), device=run.device)  # loss, then each metric, summed over pairs

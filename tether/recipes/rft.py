@@ -19,61 +19,24 @@ reuses a round's kept.jsonl and resumes its SFT from the latest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from tether.config import ConfigError, save_config
+from tether.config.rft import RFTConfig
+from tether.config.sft import sft_config
 from tether.data.loading import load_rows
 from tether.eval.generation import write_jsonl
 from tether.recipes import sft
-from tether.recipes.best_of_n import (SamplingConfig, candidate_rewards, load_sampling_model, reward_specs,
-                                     number, sample_and_score, select)
+from tether.eval.sampling import (candidate_rewards, load_sampling_model, number, reward_specs, sample_and_score,
+                                  select)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
+from tether.runtime.run import open_run_dir
+from tether.runtime.checkpoint import link_final
 
 log = logging.getLogger("tether")
-
-
-@dataclass
-class RFTConfig(sft.SFTConfig):
-    """Rejection-sampling fine-tuning: sample, keep what the reward accepts, fine-tune on it; offline or iterative."""
-
-    sample_model: str = ""
-    """Model that samples in round 1 (e.g. a stronger or RL-trained model); empty means `model`. Later rounds
-    sample from the current policy."""
-    rounds: int = 1
-    """Sample → filter → SFT rounds; 1 is offline RFT, more is iterative (expert iteration / STaR)."""
-    finetune_from: Literal["policy", "base"] = "policy"
-    """Start of each round's SFT: `policy` (the previous round's model) or `base` (`model`, as STaR and ReST-EM)."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """How the samples are drawn (sampling.n per prompt)."""
-    rewards: list[dict | str] = field(default_factory=list)
-    """Reward functions, each {name, weight, ...options}; the weighted total is what the filter reads."""
-    reward_model: str = ""
-    """A reward model folder whose score is added to the rewards with weight 1."""
-    threshold: float | None = None
-    """Keep samples whose reward is >= threshold (e.g. 1.0 with the math reward: only right answers)."""
-    top_k: int = 0
-    """Keep at most the top_k highest-reward samples per prompt (after the threshold); 0 = no limit."""
-    dedupe: bool = False
-    """Keep one copy of identical completions of the same prompt (Yuan et al. keep distinct reasoning paths)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.rewards and not self.reward_model:
-            raise ConfigError("config key 'rewards': rft needs reward functions (e.g. rewards=[{name: math}]) "
-                              "and/or a reward_model to filter the samples")
-        if self.threshold is None and self.top_k <= 0:
-            raise ConfigError("config key 'threshold': set threshold (keep reward >= threshold) and/or "
-                              "top_k (keep the k best per prompt)")
-        if self.rounds < 1:
-            raise ConfigError(f"config key 'rounds': must be >= 1, got {self.rounds}")
 
 
 def keep_samples(samples: list[dict], *, threshold: float | None, top_k: int, dedupe: bool) -> list[int]:
@@ -88,22 +51,12 @@ def keep_samples(samples: list[dict], *, threshold: float | None, top_k: int, de
     return select(rewards, threshold=threshold, top_k=top_k)
 
 
-def sft_config(config: RFTConfig, **changes) -> sft.SFTConfig:
-    """An SFTConfig with this config's SFT keys and `changes` (model, data, output_dir, ...)."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(sft.SFTConfig)}
-    return sft.SFTConfig(**{**values, **changes})
-
-
 def train(config: RFTConfig) -> Path:
     """Run RFT as configured; returns the final model folder (`output_dir/final` → the last round's model).
 
     Under torchrun every rank samples and scores a share of the prompts, rank 0 writes the round's files, and
     the round's SFT trains data-parallel (`sft.train`)."""
-    distributed.init(config.distributed.timeout_s)
-    out = Path(config.output_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    out = open_run_dir(config)
     rows = load_rows(config.data, config.data_split)
     eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
     reward_set = RewardSet(reward_specs(config.rewards, config.reward_model))
@@ -194,15 +147,3 @@ def rows_or_empty(path: Path) -> list[dict]:
     return load_rows(str(path)) if path.exists() and path.stat().st_size else []
 
 
-def link_final(out: Path, model_dir: Path) -> Path:
-    """`out/final` → `model_dir` (a relative symlink), so every recipe's model is at `<output_dir>/final`.
-    Returns `model_dir` itself when it is not a folder under `out` (e.g. nothing was trained)."""
-    final = out / "final"
-    if not model_dir.is_dir() or out.resolve() not in model_dir.resolve().parents:
-        return model_dir
-    if distributed.is_main():
-        if final.is_symlink() or final.exists():
-            final.unlink()
-        final.symlink_to(os.path.relpath(model_dir.resolve(), out.resolve()), target_is_directory=True)
-    distributed.barrier()
-    return final

@@ -11,46 +11,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from tether import models
-from tether.config import TrainConfig
-from tether.data.batching import BatchOrder, collate_sft, grouped_micro_batches
+from tether.config.sft import SFTConfig
+from tether.data.batching import collate_sft, grouped_micro_batches
 from tether.data.loading import load_rows
 from tether.data.sft import build_sft_examples
 from tether.losses import sft_loss
 from tether.models import packed
-from tether.ops import model_token_logprobs
+from tether.models.forward import model_token_logprobs
 from tether.runtime import distributed
 from tether.runtime.run import Run, autocast
 
 log = logging.getLogger("tether")
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on demonstrations."""
-
-    train_on: Literal["completion", "last", "all"] = "completion"
-    """Tokens that carry the loss: completion / assistant turns, only the last assistant turn, or all."""
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """auto: message lists use the tokenizer's chat template, plain strings are used as is;
-    always: strings are wrapped as a user message too; never: no template."""
-    eval_steps: int = 0
-    """Evaluate the loss on eval_data every N steps (0: only at the end)."""
-    length_grouping: bool = True
-    """Split each micro-batch into rows of similar length when the padding saved outweighs the extra forward
-    (CPU, one process, a padded forward: see `padding_free`; `data.batching.length_groups`). The loss is
-    unchanged up to float rounding."""
-
-    def validate(self) -> None:
-        micro = self.micro_batch_size or self.batch_size
-        if self.batch_size % micro:
-            from tether.config import ConfigError
-
-            raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
 
 
 def load_examples(config: SFTConfig, tokenizer, source: str, split: str = "train"):
@@ -62,11 +37,7 @@ def load_examples(config: SFTConfig, tokenizer, source: str, split: str = "train
 def train(config: SFTConfig) -> Path:
     """Run SFT as configured; returns the `final/` model folder."""
     run = Run(config)
-    model, tokenizer = models.load(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model()
 
     examples, stats = load_examples(config, tokenizer, config.data, config.data_split)
     log.info(stats.summary(config.data))
@@ -74,12 +45,7 @@ def train(config: SFTConfig) -> Path:
     if config.eval_data:
         eval_examples, _ = load_examples(config, tokenizer, config.eval_data, config.data_split)
 
-    order = BatchOrder(len(examples), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(examples))
     # Every rank must run as many backward passes as the others (DDP reduces in each): group in one process only.
     # A packed forward has no padding to save (models.packed).
     grouping = (config.length_grouping and distributed.world_size() == 1
@@ -87,8 +53,7 @@ def train(config: SFTConfig) -> Path:
     call_cost = models.forward_call_cost(model, run.device) if grouping else float("inf")
     lengths = [len(e.input_ids) for e in examples]
 
-    model.train()
-    for step in range(start_step, total_steps):
+    for step in steps:
         global_batch = order.batch(step)
         # Divide by the completion tokens of the whole global batch, so the result does not depend on
         # how the batch is split into micro-batches or ranks.

@@ -1,16 +1,22 @@
 """Samplers: one interface (`Sampler.generate(prompts, SamplingParams) -> RolloutBatch`) over the built-in
-batched KV-cache engine (default) and vLLM (CUDA, when installed). See docs/generation.md."""
+batched KV-cache engine (default) and vLLM (CUDA, when installed). See docs/generation.md.
 
-from tether.rollout.sampler import (
-    FINISH_REASONS,
-    BuiltinSampler,
-    RolloutBatch,
-    Sampler,
-    SamplingParams,
-    filter_logits,
-    get_sampler,
-    select_tokens,
-)
+`SamplingParams` and `SamplingConfig` (tether.rollout.params) are plain Python and load at once; the engine
+names below load torch on first use (PEP 562), so a config can hold sampling settings before torch loads.
+"""
 
-__all__ = ["FINISH_REASONS", "BuiltinSampler", "RolloutBatch", "Sampler", "SamplingParams", "filter_logits",
-           "get_sampler", "select_tokens"]
+import importlib
+
+from tether.rollout.params import SamplingConfig, SamplingParams
+
+_LAZY = {"FINISH_REASONS": "engine", "RolloutBatch": "engine", "Sampler": "engine", "get_sampler": "factory",
+         "BuiltinSampler": "sampler", "filter_logits": "sampler", "select_tokens": "sampler"}
+
+__all__ = ["FINISH_REASONS", "BuiltinSampler", "RolloutBatch", "Sampler", "SamplingConfig", "SamplingParams",
+           "filter_logits", "get_sampler", "select_tokens"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tether.rollout.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tether.rollout' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The sampler interface and the built-in engine: batched KV-cache sampling on any Hugging Face causal LM.
+"""The built-in engine: batched KV-cache sampling on any Hugging Face causal LM (interface: tether.rollout.engine).
 
 One interface serves `tether generate`, best-of-N and every online RL recipe:
 
@@ -19,140 +19,18 @@ Conventions (the same as TRL and vLLM unless said otherwise):
 
 from __future__ import annotations
 
-import abc
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from tether.data.batching import collate_prompt_completion
 from tether.models import cache_kwargs
 from tether.rollout.llama_decode import LlamaDecoder, unsupported_reason
-
-FINISH_REASONS = ("stop", "eos", "length")
-
-
-@dataclass
-class SamplingParams:
-    """How to sample completions; field names follow vLLM's `SamplingParams`."""
-
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax) decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability sums to at least top_p (1 = off)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off)."""
-    min_p: float = 0.0
-    """Drop tokens whose probability is below min_p times the top token's probability (0 = off)."""
-    max_new_tokens: int = 256
-    """Most tokens generated per sample; a sample that reaches it finishes with reason "length"."""
-    n: int = 1
-    """Samples per prompt; they share one prefill of the prompt."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a sample (finish reason "stop"); the text is cut where the string begins."""
-    seed: int | None = 0
-    """Seed of the sampler's own random generator; None draws a fresh one."""
-    min_new_tokens: int = 0
-    """EOS cannot be sampled, and stop strings are not checked, before this many tokens."""
-    ignore_eos: bool = False
-    """Keep generating past EOS (fixed-length benchmarks); EOS may still be sampled."""
-    include_stop_str_in_output: bool = False
-    """Keep the matched stop string at the end of the completion text."""
-
-    def __post_init__(self):
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.n >= 1, "n must be >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {message}")
-        self.stop = list(self.stop)
-
-
-@dataclass
-class RolloutBatch:
-    """Completions for a list of prompts; sample rows are grouped prompt by prompt.
-
-    With P prompts and n samples each there are N = P * n samples; rows [i*n:(i+1)*n] belong to prompt i.
-    """
-
-    prompt_ids: list[list[int]]
-    """Token ids of each prompt (P lists, no padding)."""
-    completion_ids: list[list[int]]
-    """Sampled token ids of each sample (N lists), including a final EOS or stop-completing token."""
-    completion_logprobs: list[list[float]]
-    """log pi(token) at the sampling temperature, full distribution; aligned with completion_ids."""
-    finish_reasons: list[str]
-    """Per sample: "eos", "stop" (a stop string) or "length" (max_new_tokens reached)."""
-    completions: list[str]
-    """Decoded completion text per sample: special tokens skipped, cut before a matched stop string."""
-    prompt_index: list[int]
-    """Per sample, the index of its prompt."""
-
-    @property
-    def n(self) -> int:
-        """Samples per prompt."""
-        return len(self.completion_ids) // max(len(self.prompt_ids), 1)
-
-    @property
-    def sample_index(self) -> list[int]:
-        """Per sample, its index among the samples of its prompt (0..n-1)."""
-        return [row % self.n for row in range(len(self.completion_ids))]
-
-    def to_tensors(self, pad_id: int, device: torch.device | str | None = None) -> dict:
-        """Padded tensors for a teacher-forced forward over prompt + completion.
-
-        Returns a dict with
-          input_ids          (N, P+C) long: prompt LEFT-padded to P, completion RIGHT-padded to C
-          attention_mask     (N, P+C) long: 1 on real prompt and completion tokens
-          completion_mask    (N, C)   float: 1 on sampled tokens
-          sampling_logprobs  (N, C)   float32: 0 on padding
-          prompt_index       (N,)     long
-          prompt_length      int P
-        so `ops.model_token_logprobs(model, input_ids, attention_mask)[0][:, P - 1:]` is (N, C) and lines up
-        with `completion_mask` and `sampling_logprobs`.
-        """
-        tensors = collate_prompt_completion(self.prompt_ids, self.completion_ids, self.prompt_index, pad_id)
-        P = tensors.pop("prompt_length")
-        sampling_logprobs = torch.zeros(tensors["completion_mask"].shape, dtype=torch.float32)  # (N, C)
-        for row, logprobs in enumerate(self.completion_logprobs):
-            sampling_logprobs[row, :len(logprobs)] = torch.tensor(logprobs, dtype=torch.float32)
-        tensors["sampling_logprobs"] = sampling_logprobs
-        if device is not None:
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-        tensors["prompt_length"] = P
-        return tensors
-
-
-class Sampler(abc.ABC):
-    """What every engine provides. Prompts are strings (tokenized here) or token id lists (used as given)."""
-
-    @abc.abstractmethod
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> RolloutBatch:
-        ...
-
-    def load_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from `model`'s current weights (after an optimizer step)."""
-
-
-def get_sampler(engine: str, model, tokenizer, **kwargs) -> Sampler:
-    """The sampler named `engine`: "builtin" (default, any HF causal LM) or "vllm" (CUDA, when installed)."""
-    if engine == "builtin":
-        return BuiltinSampler(model, tokenizer, **kwargs)
-    if engine == "vllm":
-        from tether.rollout.vllm_engine import VLLMSampler
-
-        return VLLMSampler(model, tokenizer, **kwargs)
-    raise ValueError(f"rollout engine {engine!r} is unknown: use 'builtin' or 'vllm'")
+from tether.rollout.engine import (FINISH_REASONS, RolloutBatch, Sampler, default_eos_ids,  # noqa: F401
+                                   encode_prompts)
+from tether.rollout.params import SamplingParams
 
 
 # --------------------------------------------------------------------------- token selection
@@ -289,33 +167,6 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------- tokenizer helpers
-
-
-def default_eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a sample: the tokenizer's EOS and the model's generation_config EOS ids."""
-    ids = set()
-    for source in (getattr(tokenizer, "eos_token_id", None),
-                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if source is None:
-            continue
-        ids.update([source] if isinstance(source, int) else source)
-    return sorted(ids)
-
-
-def encode_prompts(tokenizer, prompts: list[str] | list[list[int]]) -> list[list[int]]:
-    """Token ids of each prompt. Strings get the tokenizer's special tokens (e.g. BOS) unless they already
-    start with the BOS text (a chat template that writes it), so BOS is never doubled."""
-    encoded = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            bos = getattr(tokenizer, "bos_token", None)
-            add_special = not (bos and prompt.startswith(bos))
-            encoded.append(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
-        else:
-            encoded.append([int(t) for t in prompt])
-        if not encoded[-1]:
-            raise ValueError(f"prompt {len(encoded) - 1} is empty: nothing to condition on")
-    return encoded
 
 
 class StopStringChecker:

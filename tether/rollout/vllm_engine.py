@@ -9,13 +9,8 @@ vLLM is imported only when a VLLMSampler is made, so `import tether.rollout` nev
 
 from __future__ import annotations
 
-from tether.rollout.sampler import (
-    RolloutBatch,
-    Sampler,
-    SamplingParams,
-    encode_prompts,
-    default_eos_ids,
-)
+from tether.rollout.engine import RolloutBatch, Sampler, default_eos_ids, encode_prompts
+from tether.rollout.params import SamplingParams
 
 VLLM_MISSING = "rollout.engine=vllm needs vLLM: pip install 'tether[vllm]' (CUDA only)"
 

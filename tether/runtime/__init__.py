@@ -1,0 +1,1 @@
+"""What every run shares: devices, torch.distributed, checkpoints, logging, timers, the run set-up."""

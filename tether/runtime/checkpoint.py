@@ -209,3 +209,17 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[int, di
         rng["cuda"] = rng["cuda"][:torch.cuda.device_count()]
     set_rng_state(rng)
     return state["step"], state["extra"]
+
+
+def link_final(out: Path, model_dir: Path) -> Path:
+    """`out/final` → `model_dir` (a relative symlink), so every recipe's model is at `<output_dir>/final`.
+    Returns `model_dir` itself when it is not a folder under `out` (e.g. nothing was trained)."""
+    final = out / "final"
+    if not model_dir.is_dir() or out.resolve() not in model_dir.resolve().parents:
+        return model_dir
+    if distributed.is_main():
+        if final.is_symlink() or final.exists():
+            final.unlink()
+        final.symlink_to(os.path.relpath(model_dir.resolve(), out.resolve()), target_is_directory=True)
+    distributed.barrier()
+    return final

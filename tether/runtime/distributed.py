@@ -14,6 +14,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from tether.models import is_fsdp  # noqa: F401  (re-exported)
+from tether.ops import masked_whiten
 
 log = logging.getLogger("tether")
 
@@ -153,13 +157,6 @@ def gather_lists(items: list) -> list:
 
 # ----------------------------------------------------------------------------- model wrapping
 
-def is_fsdp(model) -> bool:
-    """True when `model` was sharded with FSDP2's `fully_shard` (its parameters are DTensor shards)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def is_wrapped(model) -> bool:
     """True when `model` averages its gradients over ranks (DDP or FSDP2)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -244,3 +241,42 @@ def failure_message(err: BaseException) -> str | None:
         return (f"rank {rank()}: lost the connection to another rank during a collective — it died; "
                 f"see its log. [{first_line}]")
     return None
+
+
+# ----------------------------------------------------------------------------- statistics over all ranks
+
+
+def own_rows(values: Tensor) -> Tensor:
+    """This rank's rows of a tensor gathered over ranks with `all_gather_cat`."""
+    n = values.shape[0] // world_size()
+    return values[rank() * n:(rank() + 1) * n]
+
+
+def global_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of `values` (where `mask` is 1) over every rank's batch."""
+    mask = torch.ones_like(values) if mask is None else mask
+    total = all_reduce_sum(torch.stack([(values * mask).sum(), mask.sum()]).float())
+    return total[0] / total[1].clamp(min=1)
+
+
+def global_var(values: Tensor, mask: Tensor) -> Tensor:
+    """Unbiased variance of `values` where `mask` is 1, over every rank's batch."""
+    mean = global_mean(values, mask)
+    total = all_reduce_sum(torch.stack([((values - mean) ** 2 * mask).sum(), mask.sum()]).float())
+    return total[0] / (total[1] - 1).clamp(min=1)
+
+
+def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(values − mean) / sqrt(var + eps) over the masked entries of the global batch; 0 where masked:
+    `ops.masked_whiten` with every rank's mean and variance."""
+    return masked_whiten(values, mask, eps=eps, mean=global_mean(values, mask), var=global_var(values, mask))
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 − Var(R − V) / Var(R) over the masked tokens of the global batch: how much of the return the critic
+    predicted (1 perfect, 0 no better than a constant)."""
+    return 1 - global_var(returns - values, mask) / global_var(returns, mask).clamp(min=1e-8)
+
+
+def masked_stats(values: Tensor, mask: Tensor, prefix: str) -> dict[str, Tensor]:
+    """{prefix}_mean and {prefix}_std over the masked entries of the global batch."""
+    return {f"{prefix}_mean": global_mean(values, mask), f"{prefix}_std": global_var(values, mask).sqrt()}

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
+from tether.runtime import distributed
 
 log = logging.getLogger("tether")
 
@@ -108,3 +111,34 @@ class RunLogger:
             self.wandb.finish()
         if self.bar is not None:
             self.bar.close()
+
+
+class SampleWriter:
+    """Appends every completion of every `every`-th step to samples.jsonl. Every rank calls `write`; the rank
+    with `enabled` (the main rank) writes all ranks' completions, in rank order (the global batch's order).
+    On resume, lines of steps after the checkpoint are dropped, so the file equals an uninterrupted run's."""
+
+    def __init__(self, run_dir: Path, every: int, *, start_step: int = 0, enabled: bool = True):
+        self.path, self.every, self.enabled = Path(run_dir) / "samples.jsonl", every, enabled and every > 0
+        if self.enabled and start_step and self.path.exists():
+            trim_step_lines(self.path, start_step)
+        elif self.enabled and not start_step and self.path.exists():
+            self.path.unlink()
+
+    def write(self, step: int, rollout, advantages: Tensor | None = None) -> None:
+        if self.every <= 0 or step % self.every:
+            return
+        rows = []
+        for i, prompt in enumerate(rollout.samples.prompt_index):
+            row = {"step": step, "prompt": rollout.prompts[prompt].prompt,
+                   "completion": rollout.samples.completions[i], "reward": rollout.scores.total[i],
+                   "rewards": {name: values[i] for name, values in rollout.scores.per_function.items()},
+                   "finish_reason": rollout.samples.finish_reasons[i],
+                   "length": len(rollout.samples.completion_ids[i])}
+            if advantages is not None:
+                row["advantage"] = float(advantages[i])
+            rows.append(row)
+        rows = distributed.gather_lists(rows)
+        if self.enabled:
+            with self.path.open("a") as file:
+                file.writelines(json.dumps(row) + "\n" for row in rows)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 from torch import Tensor
 
@@ -31,3 +34,47 @@ class MetricMeans:
             return {}
         stacked = distributed.all_reduce_sum(torch.stack([torch.stack(self.sums[k]) for k in keys]))  # (K, 2)
         return {k: stacked[i, 0] / stacked[i, 1].clamp(min=1e-12) for i, k in enumerate(keys)}
+
+
+class UpdateStats:
+    """Metrics of one step's update. Loss terms add up over micro-batches (each is its share of the
+    minibatch loss) and are averaged over optimizer steps; other metrics are token-weighted means."""
+
+    def __init__(self):
+        self.losses: dict[str, Tensor] = {}
+        self.means = MetricMeans()
+        self.grad_norms: list[Tensor] = []
+
+    def add(self, losses: dict, metrics: dict, tokens: float | Tensor) -> None:
+        for key, value in losses.items():
+            self.losses[key] = self.losses.get(key, 0.0) + value.detach().float()
+        self.means.add(metrics, tokens)
+
+    def optimizer_step(self, grad_norm: Tensor) -> None:
+        self.grad_norms.append(grad_norm.detach().float().cpu())
+
+    def reduce(self) -> dict[str, Tensor]:
+        updates = max(len(self.grad_norms), 1)
+        out = self.means.reduce()
+        out.update({key: distributed.all_reduce_sum(value) / updates for key, value in self.losses.items()})
+        if self.grad_norms:
+            out["grad_norm"] = torch.stack(self.grad_norms).mean()
+        return out
+
+
+class Timer:
+    """Wall-clock seconds per section of a step (generation, scoring, reference, update, ...)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{name}": seconds for name, seconds in self.seconds.items()}

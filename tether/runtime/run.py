@@ -7,11 +7,14 @@ import errno
 import logging
 import os
 import time
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
 
 from tether.config import ConfigError, save_config, to_dict
+from tether import models
+from tether.data.batching import BatchOrder
 from tether.models import packed
 from tether.runtime import distributed
 from tether.runtime.checkpoint import (gather_model_state, gather_optimizer_state, latest_checkpoint,
@@ -21,6 +24,20 @@ from tether.runtime.logger import RunLogger
 from tether.runtime.optim import StepGuard, build_optimizer, build_scheduler
 
 log = logging.getLogger("tether")
+
+
+class OfflineSetup(NamedTuple):
+    """What `Run.setup_offline` returns: the wrapped model in train mode, the loop's order and sizes."""
+
+    model: torch.nn.Module
+    order: BatchOrder
+    """Seeded batches of example indices: `order.batch(step)` is a step's global batch."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps: range
+    """The steps to run: from 0 (or the step after the resumed checkpoint) to max_steps or `epochs` passes."""
+    micro_size: int
+    """Examples per forward/backward on this rank."""
 
 
 class Run:
@@ -65,6 +82,34 @@ class Run:
         self.optimizer_ = self.scheduler_ = None
         self._step_start = time.perf_counter()
         self._first_step = 0
+
+    def load_model(self, load=None):
+        """The trainable model of `config.model` (with `config.lora`, seeded) on the run's device, with
+        gradient checkpointing if asked: `(model, tokenizer)`. `load` defaults to `tether.models.load`.
+
+        Under gradient checkpointing HF's `use_cache` is switched off for the training forwards (a cache
+        kept through a recomputed forward is wasted memory); the samplers ask for their cache explicitly."""
+        config = self.config
+        model, tokenizer = (load or models.load)(config.model, lora=config.lora, seed=config.seed)
+        model.to(self.device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return model, tokenizer
+
+    def setup_offline(self, model, tokenizer, num_examples: int) -> OfflineSetup:
+        """The set-up every offline recipe (sft, rm, dpo, distill) shares once its data is loaded: a seeded
+        order over `num_examples`, the step count (max_steps, or `epochs` passes), the model wrapped for
+        DDP/FSDP, optimizer and scheduler, resume from the latest checkpoint, and this rank's micro-batch size."""
+        config = self.config
+        order = BatchOrder(num_examples, config.batch_size, config.seed)
+        total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
+        model = self.wrap(model)  # DDP / FSDP2 under torchrun; unchanged in one process
+        optimizer, scheduler = self.optimizer(model, total_steps)
+        start_step, _ = self.start(model, tokenizer, optimizer, scheduler, total_steps)
+        micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+        model.train()
+        return OfflineSetup(model, order, optimizer, scheduler, range(start_step, total_steps), micro_size)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -195,6 +240,17 @@ def _whole(value):
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def open_run_dir(config) -> Path:
+    """The run folder of a recipe that trains no model itself (best-of-n, rft): join the process group,
+    create `output_dir` and write config.yaml there (on the main rank)."""
+    distributed.init(config.distributed.timeout_s)
+    out = Path(config.output_dir)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    return out
 
 
 def autocast(run: Run):

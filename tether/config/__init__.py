@@ -17,13 +17,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import math
+
 import yaml
 
-from tether.models import LoraConfig
+from tether.rewards import available_rewards, get_reward
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the key it concerns in the message."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter options (Hu et al. 2021); `r = 0` means no LoRA, full fine-tuning."""
+
+    r: int = 0
+    """Rank of the low-rank update; 0 disables LoRA."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that receive adapters (e.g. q_proj, v_proj; "all-linear" for every linear layer)."""
 
 
 @dataclass
@@ -241,6 +257,42 @@ def _build(cls, values: dict, prefix: str = ""):
     if validate is not None:
         validate()
     return instance
+
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATA_KEYS = ("data", "eval_data")
+
+
+def check_data_files(config) -> None:
+    """`data` and `eval_data` naming a local file (by its suffix) must name one that exists; anything else (a
+    `datasets` folder or hub name) is checked by the loader. Run by the CLI on a loaded config (a pipeline's
+    stage may read a file that an earlier stage writes)."""
+    for key in DATA_KEYS:
+        value = getattr(config, key, "")
+        if isinstance(value, str) and value.endswith(DATA_FILE_SUFFIXES) and not Path(value).is_file():
+            raise ConfigError(f"config key '{key}': file {value} does not exist (expected a "
+                              f"{'/'.join(DATA_FILE_SUFFIXES)} file, a datasets folder or a hub dataset name)")
+
+
+def check_rewards(specs: list, key: str = "rewards") -> None:
+    """Each reward spec names a built-in or `path/to/file.py:function` and has a finite numeric weight.
+    Built-ins' own options are checked when they are built; a user's file is imported now."""
+    for index, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config key '{key}[{index}]': expected a mapping such as {{name: math, weight: 1.0}}, "
+                              f"got {spec!r}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"config key '{key}[{index}]': each reward needs a name, e.g. "
+                              f"{{name: math, weight: 1.0}}; got {spec!r}")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"config key '{key}[{index}].weight': expected a finite number, got {weight!r}")
+        if name not in available_rewards():  # built-ins are built (and their options checked) at train start
+            try:  # an unknown name raises the registry's message; a user's file:function is imported
+                get_reward(name)
+            except ValueError as err:
+                raise ConfigError(f"config key '{key}[{index}]': {err}") from None
 
 
 # ----------------------------------------------------------------------------- public API

@@ -1,0 +1,47 @@
+"""Config of `tether grpo`: GRPO and its family (Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tether.config import ConfigError
+from tether.config.online import OnlineConfig
+
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need G >= 2 completions per prompt
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Group-relative policy optimization with reward functions (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE)."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    """Advantage estimator: grpo (r − mean)/std in the group; dr_grpo r − mean; rloo leave-one-out mean;
+    reinforce r − running mean; reinforce_pp batch-normalised r; reinforce_pp_baseline group mean, batch std."""
+    advantage_std: Literal["population", "sample"] = "population"
+    """Group std of grpo: population (÷G) or sample (÷(G−1), as TRL and verl)."""
+    baseline_decay: float = 0.9
+    """reinforce: decay of the running-mean reward baseline."""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """How β·KL enters: loss = a loss term (GRPO); reward = subtracted from each completion's reward as
+    β·Σ_t KL_t before the advantages (the estimator in `kl_estimator`)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill."""
+    max_sampling_tries: int = 4
+    """Rounds of sampling per step under dynamic_sampling; a batch still short is filled with dropped groups."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.rewards:
+            raise ConfigError("config key 'rewards': GRPO needs at least one reward function, "
+                              "e.g. rewards: [{name: math, weight: 1.0}]")
+        smallest_group = min(self.group_size, self.group_size_end or self.group_size)
+        if self.advantage in GROUP_ESTIMATORS and smallest_group < 2:
+            raise ConfigError(f"config key 'group_size': advantage={self.advantage} compares completions of the "
+                              f"same prompt and needs group_size >= 2, got {smallest_group}")
+        if self.dynamic_sampling and smallest_group < 2:
+            raise ConfigError("config key 'dynamic_sampling': needs group_size >= 2")
+        if self.max_sampling_tries < 1:
+            raise ConfigError(f"config key 'max_sampling_tries': must be >= 1, got {self.max_sampling_tries}")
+
