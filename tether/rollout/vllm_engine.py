@@ -15,7 +15,9 @@ How it works:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import tempfile
 
@@ -38,8 +40,23 @@ def _import_vllm(kv_cache_gib: int):
     return vllm
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore Python's, NumPy's and torch's global random states on exit."""
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
 def policy_state_dict(model) -> dict[str, torch.Tensor]:
-    """The policy's weights under the base model's names, LoRA adapters merged in (the model is left as it was).
+    """The policy's weights under the base model's names, LoRA adapters merged in (the model is not touched:
+    merging into the weights and back would leave rounding in them).
 
     A PEFT model's `base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight` becomes
     `model.layers.0.self_attn.q_proj.weight`, holding W + (alpha / r) B A.
@@ -47,14 +64,18 @@ def policy_state_dict(model) -> dict[str, torch.Tensor]:
     from tether.models import is_peft, unwrap
 
     model = unwrap(model)
-    if not is_peft(model):
-        return {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    model.merge_adapter()
-    try:
-        return {_peft_to_base_name(name): tensor.detach().clone() for name, tensor in model.state_dict().items()
-                if "lora_" not in name}
-    finally:
-        model.unmerge_adapter()
+    state = {_peft_to_base_name(name): tensor.detach() for name, tensor in model.state_dict().items()
+             if "lora_" not in name}
+    if is_peft(model):
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                key = _peft_to_base_name(name) + ".weight"
+                delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters
+                            if adapter in module.lora_A)
+                state[key] = (state[key] + delta).detach()  # W + (alpha / r) B A, a new tensor
+    return state
 
 
 def write_policy_folder(model, tokenizer, folder: str) -> None:
@@ -89,10 +110,12 @@ class VLLMSampler(Sampler):
     """
 
     def __init__(self, model, tokenizer, *, dtype: str = "float32", max_model_len: int | None = None,
-                 enforce_eager: bool = True, kv_cache_gib: int = 1, batch_size: int | None = None, **llm_kwargs):
+                 enforce_eager: bool = True, kv_cache_gib: int = 1, eos_token_ids: list[int] | None = None,
+                 batch_size: int | None = None, **llm_kwargs):
         vllm = _import_vllm(kv_cache_gib)
         self.tokenizer = tokenizer
-        self.eos_ids = default_eos_ids(None if isinstance(model, str) else model, tokenizer)
+        self.eos_ids = (list(eos_token_ids) if eos_token_ids is not None
+                        else default_eos_ids(None if isinstance(model, str) else model, tokenizer))
         self._vllm = vllm
         self._folder = None
         if isinstance(model, str):
@@ -102,9 +125,10 @@ class VLLMSampler(Sampler):
             write_policy_folder(model, tokenizer, path)
         # processed_logprobs: log-probs after temperature, i.e. those of the distribution sampled from
         # (the default, raw_logprobs, would be at temperature 1); docs/generation.md lists the differences.
-        self.llm = vllm.LLM(model=path, tokenizer=path if self._folder else None, dtype=dtype,
-                            max_model_len=max_model_len, enforce_eager=enforce_eager,
-                            logprobs_mode="processed_logprobs", **llm_kwargs)
+        with preserved_rng():  # the in-process engine seeds the global RNGs; the trainer's must not move
+            self.llm = vllm.LLM(model=path, tokenizer=path if self._folder else None, dtype=dtype,
+                                max_model_len=max_model_len, enforce_eager=enforce_eager,
+                                logprobs_mode="processed_logprobs", **llm_kwargs)
         # batch_size is accepted for interface parity; vLLM schedules its own batches.
 
     def close(self) -> None:
@@ -126,7 +150,7 @@ class VLLMSampler(Sampler):
             max_tokens=params.max_new_tokens,
             min_tokens=params.min_new_tokens,
             stop=list(params.stop) or None,
-            stop_token_ids=self.eos_ids or None,
+            stop_token_ids=None if params.ignore_eos else self.eos_ids or None,  # ignore_eos keeps these too
             ignore_eos=params.ignore_eos,
             include_stop_str_in_output=params.include_stop_str_in_output,
             seed=seed,
@@ -160,14 +184,14 @@ class VLLMSampler(Sampler):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named tensors (e.g. received from a trainer in another process) into the engine."""
-        self._engine_model().load_weights(state.items())
+        # reload_weights, not model.load_weights: the CPU backend repacks linear weights after loading, and the
+        # reload path undoes and redoes that per layer (vllm.model_executor.model_loader.reload).
+        self._model_runner().reload_weights(weights_iterator=iter(state.items()))
         self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
 
-    def _engine_model(self):
-        executor = self.llm.llm_engine.model_executor
-        worker = executor.driver_worker
-        worker = getattr(worker, "worker", worker)  # a WorkerWrapperBase around the worker
-        return worker.model_runner.model
+    def _model_runner(self):
+        worker = self.llm.llm_engine.model_executor.driver_worker
+        return getattr(worker, "worker", worker).model_runner  # under a WorkerWrapperBase
 
 
 def _finish_reason(sample) -> str:
