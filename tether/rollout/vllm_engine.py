@@ -118,6 +118,9 @@ class VLLMSampler(Sampler):
                         else default_eos_ids(None if isinstance(model, str) else model, tokenizer))
         self._vllm = vllm
         self._folder = None
+        # Pushed again before the first generate: weights loaded after the sampler was made (a resumed
+        # checkpoint) are the ones sampled from, as with the built-in engine that reads the model directly.
+        self._first_push = None if isinstance(model, str) else model
         if isinstance(model, str):
             path = model
         else:
@@ -159,6 +162,8 @@ class VLLMSampler(Sampler):
         )
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> RolloutBatch:
+        if self._first_push is not None:
+            self.load_weights(self._first_push)
         prompt_ids = encode_prompts(self.tokenizer, prompts)
         # One seed per request; vLLM seeds a request's n samples seed, seed + 1, ..., so requests are n apart
         # and no two samples of a call share their noise. A call's samples are a function of params.seed.
@@ -180,6 +185,7 @@ class VLLMSampler(Sampler):
 
     def load_weights(self, model) -> None:
         """Copy `model`'s current weights (LoRA adapters merged) into the engine's model, in memory."""
+        self._first_push = None
         self.load_state_dict(policy_state_dict(model))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
