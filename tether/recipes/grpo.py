@@ -14,6 +14,7 @@ RLOO and REINFORCE are this loop with `advantage: rloo | reinforce`; Dr. GRPO is
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,8 @@ from tether import models
 from tether.advantages import RunningMeanBaseline, get_advantage_estimator
 from tether.config import ConfigError
 from tether.data.batching import split_micro_batches
-from tether.losses import clipped_policy_loss, entropy_bonus, kl_estimate
+from tether.losses import (clipped_policy_loss, entropy_bonus, kl_estimate, masked_importance_weights,
+                           truncated_importance_weights)
 from tether.ops import aggregate, masked_mean
 from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Timer, UpdateStats, build_reference,
                                    build_sampler, check_strategy, completion_forward, derive_seed, evaluate_rewards,
@@ -30,6 +32,7 @@ from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Tim
                                    make_kl_controller, minibatches, old_logprobs, own_rows, rollout_metrics,
                                    rollout_tensors, sample_rollout, sampling_params, take, total_steps)
 from tether.rewards import RewardSet
+from tether.rollout.async_queue import RolloutQueue
 from tether.runtime import distributed
 from tether.runtime.run import Run, autocast
 
@@ -54,6 +57,19 @@ class GRPOConfig(OnlineConfig):
     """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill."""
     max_sampling_tries: int = 4
     """Rounds of sampling per step under dynamic_sampling; a batch still short is filled with dropped groups."""
+    async_rollouts: int = 0
+    """k > 0: one background thread generates up to k batches ahead while the trainer updates, with weights
+    up to k updates old (tether.rollout.async_queue); 0: synchronous. Resume is exact only at 0."""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """Importance correction of the engine's tokens by π_old/π_engine (policy lag, engine numerics): tis =
+    truncated IS, weight min(ratio, is_cap); mis = masked IS, tokens (or sequences) outside [is_low, is_cap]
+    drop out of the loss. The gap is logged either way when the engine's log-probs differ from π_old."""
+    is_cap: float = 2.0
+    """TIS cap C on the ratio; the upper edge of the masked-IS band."""
+    is_low: float = 0.5
+    """Lower edge of the masked-IS band."""
+    is_level: Literal["token", "sequence"] = "token"
+    """Masked IS decides per token, or per sequence by its geometric-mean ratio."""
 
     def validate(self) -> None:
         super().validate()
@@ -68,6 +84,14 @@ class GRPOConfig(OnlineConfig):
             raise ConfigError("config key 'dynamic_sampling': needs group_size >= 2")
         if self.max_sampling_tries < 1:
             raise ConfigError(f"config key 'max_sampling_tries': must be >= 1, got {self.max_sampling_tries}")
+        if self.async_rollouts < 0:
+            raise ConfigError(f"config key 'async_rollouts': must be >= 0 (0 = synchronous), got {self.async_rollouts}")
+        if self.async_rollouts and self.old_logprobs == "sampler":
+            raise ConfigError("config key 'old_logprobs': async_rollouts samples with older weights, so π_old must "
+                              "be recomputed: use old_logprobs=auto or recompute")
+        if self.is_cap <= 1 or not 0 <= self.is_low < 1:
+            raise ConfigError(f"config keys 'is_cap' / 'is_low': need is_cap > 1 and 0 <= is_low < 1, "
+                              f"got {self.is_cap} / {self.is_low}")
 
 
 def grpo_loss(model, micro: dict, config: GRPOConfig, *, beta: float, counts: dict, temperature: float):
@@ -78,9 +102,11 @@ def grpo_loss(model, micro: dict, config: GRPOConfig, *, beta: float, counts: di
                                               entropy_grad=config.entropy_coef > 0)  # (n, C), (n, C)
     mask = micro["loss_mask"]  # (n, C)
     agg = dict(agg_mode=config.loss_aggregation, **counts)
+    # IS weights w ≥ 0 per token scale the advantage, which scales each token's clipped loss by w (TIS / MIS).
+    advantages = micro["advantages"][:, None] * micro["is_weights"] if "is_weights" in micro else micro["advantages"]
     # Clipped surrogate with ε_low / ε_high (DAPO), dual clip, token or sequence ratio (GSPO).
     policy_loss, metrics = clipped_policy_loss(
-        logprobs, micro["old_logprobs"], micro["advantages"], mask, clip_low=config.clip_low,
+        logprobs, micro["old_logprobs"], advantages, mask, clip_low=config.clip_low,
         clip_high=config.clip_high, dual_clip=config.dual_clip, importance_level=config.importance_level, **agg)
     loss, terms = policy_loss, {"policy_loss": policy_loss}
     if beta > 0 and config.kl_penalty == "loss":
@@ -111,7 +137,6 @@ def train(config: GRPOConfig) -> Path:
     kl_controller = make_kl_controller(config)
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     model = run.wrap(model)  # DDP / FSDP2 under torchrun
-    sampler = build_sampler(config, model, tokenizer)
     stream = PromptStream(len(prompts), config.seed)
 
     num_steps = total_steps(config, len(prompts))
@@ -124,20 +149,34 @@ def train(config: GRPOConfig) -> Path:
             baseline.load_state_dict(extra["baseline"])
     samples = SampleWriter(run.dir, config.sample_steps, start_step=start_step, enabled=run.main)
     schedule_steps = config.schedule_steps or num_steps
+    # Async rollouts with the built-in engine sample from a copy of the policy, updated at each weight push.
+    sampling_policy = copy.deepcopy(models.unwrap(model)) if config.async_rollouts and \
+        config.rollout_engine == "builtin" else None
+    sampler = build_sampler(config, sampling_policy or model, tokenizer)
 
-    model.train()
-    for step in range(start_step, num_steps):
+    def produce(step: int):
+        """1. Rollout: G completions per prompt, scored by the reward functions (DAPO: refill flat groups)."""
         timer = Timer()
         group_size = round(linear_schedule(config.group_size, config.group_size_end, step, schedule_steps))
         temperature = linear_schedule(config.temperature, config.temperature_end, step, schedule_steps)
-        beta = kl_controller.beta
-
-        # 1. Rollout: G completions per prompt, scored by the reward functions (DAPO: refill flat groups).
         rollout, sampled, sampling_metrics = sample_rollout(
             sampler, reward_set, prompts, stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
             chunk_size=config.generation_batch_size,
             dynamic_sampling=config.dynamic_sampling, max_tries=config.max_sampling_tries)
+        return rollout, sampled, sampling_metrics, timer, group_size, temperature
+
+    def push_weights():
+        if sampling_policy is not None:
+            sampling_policy.load_state_dict(models.unwrap(model).state_dict())
+        sampler.load_weights(model)
+
+    rollouts = RolloutQueue(produce, ahead=config.async_rollouts, start=start_step, stop=num_steps)
+    model.train()
+    for step in range(start_step, num_steps):
+        queued = rollouts.get()  # synchronous (async_rollouts=0): generated now, from the latest weights
+        rollout, sampled, sampling_metrics, timer, group_size, temperature = queued.rollout
+        beta = kl_controller.beta
         batch = rollout_tensors(rollout, tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         N = batch["input_ids"].shape[0]
         micro_size = config.micro_batch_size or N
@@ -151,6 +190,7 @@ def train(config: GRPOConfig) -> Path:
                 batch["ref_logprobs"] = reference.logprobs(batch, micro_size, temperature)
             kl = kl_metrics(batch["old_logprobs"], batch["ref_logprobs"], batch["completion_mask"],
                             config.kl_estimator)
+        is_metrics = importance_weights(config, batch)  # sets batch["is_weights"] unless is_correction=none
 
         # 3. Advantages from the rewards of each group (NaN = could not judge: advantage 0, no loss).
         rewards = rollout.rewards.to(run.device)  # (N,)
@@ -181,17 +221,36 @@ def train(config: GRPOConfig) -> Path:
                         stats.add(terms, metrics, micro["loss_mask"].sum())
                     grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
                     stats.optimizer_step(grad_norm)
-        sampler.load_weights(model)
+        rollouts.push_weights(push_weights)
         kl_controller.update(kl.get("kl_ref_seq", 0.0), N * distributed.world_size())
 
         metrics = {**adv_metrics, **rollout_metrics(sampled, rollout, batch), **kl, **stats.reduce(),
-                   **sampling_metrics, "kl_coef": beta, "temperature": temperature, **timer.metrics()}
+                   **sampling_metrics, "kl_coef": beta, "temperature": temperature, **timer.metrics(),
+                   **is_metrics, "staleness": float(queued.staleness)}
         if eval_prompts and config.eval_steps and (step + 1) % config.eval_steps == 0:
-            metrics.update(evaluate_rewards(sampler, reward_set, eval_prompts, config))
+            with rollouts.lock:  # not while the worker samples
+                metrics.update(evaluate_rewards(sampler, reward_set, eval_prompts, config))
         samples.write(step + 1, rollout, batch["advantages"])
         run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=int(batch["attention_mask"].sum()),
                      extra=lambda: {"prompt_cursor": stream.cursor, "kl_controller": kl_controller.state_dict(),
                                     "baseline": baseline.state_dict() if baseline else None})
 
+    rollouts.close()
     final_evaluation(run, sampler, reward_set, eval_prompts, config)
     return run.finish(model, tokenizer)
+
+
+def importance_weights(config: GRPOConfig, batch: dict) -> dict:
+    """TIS / masked-IS weights π_old/π_engine into batch["is_weights"] (N, C), and the engine-vs-trainer gap
+    metrics (mean |Δ log p|, KL, clip or mask fraction). Nothing when the engine's log-probs are π_old's."""
+    if batch["old_logprobs"] is batch["sampling_logprobs"]:
+        return {}
+    args = batch["old_logprobs"], batch["sampling_logprobs"], batch["completion_mask"]
+    if config.is_correction == "mis":
+        weights, metrics = masked_importance_weights(*args, low=config.is_low, high=config.is_cap,
+                                                     level=config.is_level)
+    else:
+        weights, metrics = truncated_importance_weights(*args, cap=config.is_cap)
+    if config.is_correction != "none":
+        batch["is_weights"] = weights
+    return {name: float(value) for name, value in metrics.items()}

@@ -513,7 +513,8 @@ def build_reference(policy, needed: bool) -> Reference | None:
 def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temperature: float) -> Tensor:
     """π_old log-probs (N, C). The sampler's are π_old when it sampled from these weights at this temperature
     with the training forward's numerics (the built-in engine); otherwise one no-grad forward."""
-    on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin"
+    on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin" \
+        and not getattr(config, "async_rollouts", 0)  # GRPO's async rollouts sample with older weights
     if config.old_logprobs == "sampler" or (config.old_logprobs == "auto" and on_policy):
         return batch["sampling_logprobs"]
     return scoring_pass(logprob_fn(model, temperature), batch, micro_size)
