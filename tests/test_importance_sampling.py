@@ -2,8 +2,8 @@
 
 Row 0 has two tokens and a pad: π_old = (0.5, 0.2), π_engine = (0.25, 0.4), so the ratios are r = (2, 0.5).
   TIS, C = 1.5: w = (min(2, 1.5), min(0.5, 1.5), pad) = (1.5, 0.5, 0); one token of two is capped.
-  mean |Δ log p| = (ln 2 + ln 2) / 2 = ln 2;  KL k3 = mean((r − 1) − ln r) = ((1 − ln 2) + (−0.5 + ln 2)) / 2 = 0.25;
-  mean r = 1.25.
+  mean |Δ log p| = (ln 2 + ln 2) / 2 = ln 2;  mean r = 1.25;
+  KL k3 = mean((r − 1) − ln r) = ((1 − ln 2) + (−0.5 + ln 2)) / 2 = 0.25.
   MIS token band [0.6, 2]: r = 2 stays (weight 2), r = 0.5 leaves (weight 0): half the tokens dropped.
   MIS sequence: the geometric mean exp((ln 2 − ln 2) / 2) = 1 is inside, both tokens weighted 1.
 Row 1 (sequence level): π_old = (0.9, 0.9), π_engine = (0.3, 0.3): r = 3 per token, the sequence ratio 3 > 2,

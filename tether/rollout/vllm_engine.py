@@ -109,6 +109,8 @@ class VLLMSampler(Sampler):
     Extra keyword arguments go to `vllm.LLM` (e.g. `gpu_memory_utilization=0.5` on a GPU shared with training).
     """
 
+    _folder: str | None = None  # the temporary folder vLLM started from (None: none, or removed)
+
     def __init__(self, model, tokenizer, *, dtype: str = "float32", max_model_len: int | None = None,
                  enforce_eager: bool = True, kv_cache_gib: int = 1, eos_token_ids: list[int] | None = None,
                  batch_size: int | None = None, **llm_kwargs):
@@ -117,7 +119,6 @@ class VLLMSampler(Sampler):
         self.eos_ids = (list(eos_token_ids) if eos_token_ids is not None
                         else default_eos_ids(None if isinstance(model, str) else model, tokenizer))
         self._vllm = vllm
-        self._folder = None
         # Pushed again before the first generate: weights loaded after the sampler was made (a resumed
         # checkpoint) are the ones sampled from, as with the built-in engine that reads the model directly.
         self._first_push = None if isinstance(model, str) else model
