@@ -29,6 +29,7 @@ TOOLS = {
     "eval": "tether.eval.cli:eval_main",
     "pipeline": "tether.pipeline:pipeline_main",
     "demo": "tether.demo:demo_main",
+    "sweep": "tether.sweep:sweep_main",
 }
 
 USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
@@ -47,6 +48,7 @@ Tools:
   eval        pass@k, maj@k, reward-model accuracy, win rate, reward scores
   pipeline    run a multi-stage recipe (e.g. DeepSeek-R1, InstructGPT) from one YAML
   demo        the whole pipeline on the built-in tiny model, on this CPU
+  sweep       one recipe over a list of values of one key (e.g. kl_coef), each run in its own folder, then a plot
 """
 
 
