@@ -23,6 +23,7 @@ from tether.advantages import RunningMeanBaseline, get_advantage_estimator
 from tether.config import ConfigError
 from tether.data.batching import split_micro_batches
 from tether.losses import clipped_policy_loss, entropy_bonus, kl_estimate
+from tether.models import unwrap
 from tether.ops import aggregate, masked_mean
 from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Timer, UpdateStats, build_reference,
                                    build_sampler, check_strategy, completion_forward, derive_seed, evaluate_rewards,
@@ -31,6 +32,7 @@ from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Tim
                                    rollout_tensors, sample_rollout, sampling_params, take, total_steps)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
+from tether.runtime.grad_stats import policy_gradient_variance
 from tether.runtime.run import Run, autocast
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need G >= 2 completions per prompt
@@ -47,6 +49,8 @@ class GRPOConfig(OnlineConfig):
     """Group std of grpo: population (÷G) or sample (÷(G−1), as TRL and verl)."""
     baseline_decay: float = 0.9
     """reinforce: decay of the running-mean reward baseline."""
+    reinforce_baseline: bool = True
+    """reinforce: subtract the running-mean baseline; false: advantage = reward (plain REINFORCE)."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """How β·KL enters: loss = a loss term (GRPO); reward = subtracted from each completion's reward as
     β·Σ_t KL_t before the advantages (the estimator in `kl_estimator`)."""
@@ -107,7 +111,8 @@ def train(config: GRPOConfig) -> Path:
     reward_set = RewardSet(config.rewards)
     prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
     estimator = get_advantage_estimator(config.advantage)
-    baseline = RunningMeanBaseline(config.baseline_decay) if config.advantage == "reinforce" else None
+    reinforce = config.advantage == "reinforce" and config.reinforce_baseline
+    baseline = RunningMeanBaseline(config.baseline_decay) if reinforce else None
     kl_controller = make_kl_controller(config)
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     model = run.wrap(model)  # DDP / FSDP2 under torchrun
@@ -164,6 +169,13 @@ def train(config: GRPOConfig) -> Path:
         if baseline is not None:
             baseline.update(all_rewards)
         batch["advantages"] = own_rows(advantages)  # (N,)
+        grad_var = {}
+        if config.log_grad_variance:  # the noise of the policy-gradient estimate (seed 003, exercise 15)
+            with timer.section("grad_variance"), autocast(run):
+                grad_var = policy_gradient_variance(
+                    unwrap(model), lambda rows: completion_forward(unwrap(model), take(batch, rows),
+                                                                   temperature=temperature)[0],
+                    batch["advantages"], batch["loss_mask"], micro_size)
 
         # 4. μ epochs over shuffled minibatches; each minibatch is one optimizer step.
         stats = UpdateStats()
@@ -185,7 +197,7 @@ def train(config: GRPOConfig) -> Path:
         kl_controller.update(kl.get("kl_ref_seq", 0.0), N * distributed.world_size())
 
         metrics = {**adv_metrics, **rollout_metrics(sampled, rollout, batch), **kl, **stats.reduce(),
-                   **sampling_metrics, "kl_coef": beta, "temperature": temperature, **timer.metrics()}
+                   **sampling_metrics, **grad_var, "kl_coef": beta, "temperature": temperature, **timer.metrics()}
         if eval_prompts and config.eval_steps and (step + 1) % config.eval_steps == 0:
             metrics.update(evaluate_rewards(sampler, reward_set, eval_prompts, config))
         samples.write(step + 1, rollout, batch["advantages"])

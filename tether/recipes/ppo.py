@@ -37,6 +37,7 @@ from tether.recipes.online import (OnlineConfig, PromptStream, SampleWriter, Tim
                                    sampling_params, scoring_pass, take, total_steps, whiten)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
+from tether.runtime.grad_stats import policy_gradient_variance
 from tether.runtime.optim import StepGuard
 from tether.runtime.run import Run, autocast
 
@@ -223,6 +224,13 @@ def train(config: PPOConfig) -> Path:
         if config.whiten_advantages:
             advantages = whiten(advantages, mask)  # over the global batch
         batch["advantages"], batch["returns"] = advantages, returns
+        grad_var = {}
+        if config.log_grad_variance:  # the noise of the policy-gradient estimate (seed 003, exercise 15)
+            with timer.section("grad_variance"), autocast(run):
+                grad_var = policy_gradient_variance(
+                    unwrap(model), lambda rows: completion_forward(unwrap(model), take(batch, rows),
+                                                                   temperature=temperature)[0],
+                    advantages, mask, micro_size)
 
         # 4. μ epochs over shuffled minibatches: clipped policy loss + value loss (− entropy bonus).
         stats = UpdateStats()
@@ -246,7 +254,7 @@ def train(config: PPOConfig) -> Path:
         kl_controller.update(kl.get("kl_ref_seq", 0.0), N * distributed.world_size())
 
         metrics = {**rollout_metrics(sampled, rollout, batch), **adv_metrics, **kl, **stats.reduce(),
-                   **sampling_metrics, "kl_coef": beta, "temperature": temperature, **timer.metrics()}
+                   **sampling_metrics, **grad_var, "kl_coef": beta, "temperature": temperature, **timer.metrics()}
         if eval_prompts and config.eval_steps and (step + 1) % config.eval_steps == 0:
             metrics.update(evaluate_rewards(sampler, reward_set, eval_prompts, config))
         samples.write(step + 1, rollout)
