@@ -154,13 +154,14 @@ def sweep_main(argv: list[str]) -> int:
                         help="final = mean over this fraction of the last logged steps (default 0.2)")
     parser.add_argument("--gold", default=None,
                         help="metric plotted as gold (default: a logged reward/<name>/mean whose name has 'gold')")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [a for a in overrides if "=" not in a or a.startswith("-") and not a.startswith("--")]
-    if bad:
-        raise ConfigError(f"unexpected argument {bad[0]!r}: options for the runs are given as key=value")
+    # key=value words are the runs' overrides wherever they stand (--values would otherwise swallow them)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args, unknown = parser.parse_known_args([a for a in argv if a not in overrides])
+    if unknown:
+        raise ConfigError(f"unexpected argument {unknown[0]!r}: options for the runs are given as key=value")
     if not 0 < args.tail <= 1:
         raise ConfigError(f"--tail must be in (0, 1], got {args.tail}")
     summary = sweep(args.recipe, args.key, args.values, config=args.config,
-                    overrides=[a.removeprefix("--") for a in overrides], output_dir=args.output_dir, tail=args.tail,
+                    overrides=overrides, output_dir=args.output_dir, tail=args.tail,
                     gold=args.gold)
     return 1 if any(r["returncode"] for r in summary["runs"]) else 0
