@@ -138,12 +138,14 @@ def test_ex20_grpo_needs_less_memory_than_ppo(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ex21_rejection_sampling_raises_reward_without_rl(tmp_path):
-    """Best-of-8 + SFT, two rounds: round 2's samples (from round 1's model) score ≥ 0.2 more than round 1's
-    (from the untrained model); no RL step anywhere."""
+    """Best-of-8 + SFT, two rounds, no RL step anywhere. Measured: the untrained model's samples score 0.10;
+    held-out samples after round 1 0.25, after round 2 0.54. Asserts ≥ +0.3 over the untrained model after
+    round 2 and ≥ +0.15 from round 1 to round 2."""
     from tether.recipes import rft
 
     rft.train(load_config(rft.RFTConfig, str(EXERCISES / "ex21_rejection_sampling.yaml"), [
         f"output_dir={tmp_path}", f"data={ROOT}/examples/data/rl_echo.jsonl",
         f"eval_data={ROOT}/examples/data/rl_echo_test.jsonl", "progress=false", reward("digit_share")]))
     rounds = read_jsonl(tmp_path / "metrics.jsonl")
-    assert rounds[1]["reward_mean"] >= rounds[0]["reward_mean"] + 0.2
+    assert rounds[1]["eval_reward_mean"] >= rounds[0]["reward_mean"] + 0.3
+    assert rounds[1]["eval_reward_mean"] >= rounds[0]["eval_reward_mean"] + 0.15
