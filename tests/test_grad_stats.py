@@ -82,3 +82,33 @@ def test_one_sample_is_refused():
     moments.add((w * torch.ones(2)).sum()[None])
     with pytest.raises(ValueError, match="at least 2 samples"):
         moments.metrics()
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_recipes_log_it_with_peak_memory_and_a_summary(recipe, tmp_path):
+    """`log_grad_variance: true` on both online recipes: grad_var = N × grad_var_of_mean over the step's N
+    completions, every step; peak_memory_mb each step and in summary.json (the largest of the steps')."""
+    import json
+
+    from tether.config import load_config
+    from tether.recipes import grpo, ppo
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"repeat {i}:"}) + "\n" for i in range(4)))
+    module, config_cls = (ppo, ppo.PPOConfig) if recipe == "ppo" else (grpo, grpo.GRPOConfig)
+    module.train(load_config(config_cls, None, [
+        f"data={prompts}", "model=tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=1",
+        f"rewards=[{{name: '{__file__}:digit_share'}}]", f"output_dir={tmp_path / 'run'}", "report_to=[]",
+        "progress=false", "batch_size=4", "group_size=4", "max_completion_length=4", "max_steps=2",
+        "log_grad_variance=true", "micro_batch_size=5", "kl_coef=0.01"]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["grad_var"] == pytest.approx(row["num_completions"] * row["grad_var_of_mean"], rel=1e-5)
+        assert row["grad_var"] > 0 and row["grad_mean_norm_sq"] > 0 and row["peak_memory_mb"] > 100
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in rows)
+
+
+def digit_share(prompts, completions, **columns):
+    return [sum(c.isdigit() for c in text) / len(text) if text else 0.0 for text in completions]
