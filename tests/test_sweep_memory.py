@@ -18,7 +18,8 @@ def test_peak_rss_grows_with_a_touched_allocation():
     after = peak_memory("cpu")["peak_memory_mb"]
     del block
     assert after - before > 200
-    assert peak_rss_mb() >= after  # it never goes down
+    assert peak_rss_mb() >= after - 1  # a high-water mark: the freed block still counts (the kernel updates it
+    # lazily, so it can read a few pages lower than RSS read while the block was held: measured 0.16 MiB)
 
 
 def write_run(folder, rows, eval_result=None):
