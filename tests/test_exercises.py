@@ -97,13 +97,15 @@ def test_ex15_baseline_lowers_gradient_variance(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_ex17_kl_falls_as_beta_rises(tmp_path, monkeypatch):
-    """`tether sweep ppo` over β = 0.003, 0.1, 0.3: the final KL from the reference falls monotonically, each at
+    """`tether sweep ppo ... --values 0.003 0.1 0.3`: the final KL from the reference falls monotonically, each at
     least 1.5× below the previous (measured 9.4, 3.8, 0.38 nats)."""
-    from tether.sweep import sweep
+    from tether.cli import main
 
-    monkeypatch.chdir(ROOT)
-    summary = sweep("ppo", "kl_coef", [0.003, 0.1, 0.3], config=str(EXERCISES / "ex17_kl_sweep.yaml"),
-                    output_dir=str(tmp_path), overrides=[reward("digit_share")])
+    monkeypatch.chdir(ROOT)  # the command line, key=value overrides after --values as a user would type them
+    assert main(["sweep", "ppo", "--config", str(EXERCISES / "ex17_kl_sweep.yaml"), "--key", "kl_coef",
+                 "--values", "0.003", "0.1", "0.3", "--output-dir", str(tmp_path), reward("digit_share")]) == 0
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["value"] for r in summary["runs"]] == ["0.003", "0.1", "0.3"]
     kls = [r["final"]["kl_ref_seq"] for r in summary["runs"]]
     assert all(a >= 1.5 * b for a, b in zip(kls, kls[1:])), kls
     assert (tmp_path / "sweep.png").exists()

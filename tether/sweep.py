@@ -144,7 +144,8 @@ def plot_sweep(out: Path, key: str, runs: list[dict]) -> Path:
 
 def sweep_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="tether sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="tether sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="tether sweep RECIPE [--config FILE] --key KEY --values V [V ...] [--output-dir DIR] [key=value ...]")
     parser.add_argument("recipe", help="the recipe to run (grpo, ppo, dpo, sft, rm, ...)")
     parser.add_argument("--config", "-c", default=None, help="the recipe's YAML config")
     parser.add_argument("--key", required=True, help="the config key to sweep, e.g. kl_coef (dotted for sections)")
