@@ -33,8 +33,8 @@ def test_summary_takes_tail_means_finds_gold_and_plots(tmp_path):
     """Ten steps; tail 0.2 averages the last two: KL 8 and 10 → 9. The gold metric is found by name."""
     runs = []
     for beta, scale in (("0", 10.0), ("0.1", 1.0)):
-        rows = [{"step": s, "kl_ref_seq": scale * s / 10 * 10, "reward_mean": s / 10,
-                 "reward/gold_rewards/mean": -s if beta == "0" else s, "peak_memory_mb": 400.0 + s} for s in range(1, 11)]
+        rows = [{"step": s, "kl_ref_seq": scale * s, "reward_mean": s / 10, "peak_memory_mb": 400.0 + s,
+                 "reward/gold_rewards/mean": -s if beta == "0" else s} for s in range(1, 11)]
         folder = tmp_path / run_dir_name("kl_coef", beta)
         write_run(folder, rows, {"eval/total/mean": 0.5})
         runs.append({"value": beta, "output_dir": str(folder), "returncode": 0, "wall_time_s": 1.0})

@@ -19,4 +19,5 @@ if __name__ == "__main__":
         mean = rewards[rows].mean().item()
         print(f"prompt {group + 1}: mean reward {mean:.2f}")
         for r, a in zip(rewards[rows].tolist(), advantages[rows].tolist()):
-            print(f"    reward {r:.2f}  advantage {a:+.3f}  ({'above' if r > mean else 'below' if r < mean else 'at'} the mean)")
+            where = "above" if r > mean else "below" if r < mean else "at"
+            print(f"    reward {r:.2f}  advantage {a:+.3f}  ({where} the mean)")
