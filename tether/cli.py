@@ -42,6 +42,7 @@ TOOLS = {
     "eval": "tether.eval.cli:eval_main",
     "pipeline": "tether.pipeline:pipeline_main",
     "demo": "tether.demo:demo_main",
+    "sweep": "tether.sweep:sweep_main",
 }
 
 USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
@@ -61,6 +62,7 @@ Tools:
   pipeline    run a multi-stage recipe (e.g. DeepSeek-R1, InstructGPT) from one YAML
   demo        the whole pipeline on the built-in tiny model, on this CPU
   annotate    a web page where people label preference pairs (then: annotate export | annotate stats)
+  sweep       one recipe over a list of values of one key (e.g. kl_coef), each run in its own folder, then a plot
 """
 
 

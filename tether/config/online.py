@@ -102,6 +102,9 @@ class OnlineConfig(TrainConfig):
     """Mean reward on eval_data every N steps (one sample per prompt at eval_temperature); 0: only at the end."""
     eval_temperature: float = 0.0
     """Sampling temperature of the evaluation (0 = greedy)."""
+    log_grad_variance: bool = False
+    """Log grad_var (tr Cov of one completion's policy gradient), grad_var_of_mean and grad_mean_norm_sq each
+    step, from per-completion gradients at the step's start (one backward per completion; tether.runtime.grad_stats)."""
 
     def validate(self) -> None:
         checks = [

@@ -56,7 +56,8 @@ def train(config: GRPOConfig) -> Path:
     """Run GRPO (or a family member) as configured; returns the `final/` model folder."""
     online = setup_online(Run(config), config)
     estimator = get_advantage_estimator(config.advantage)
-    baseline = RunningMeanBaseline(config.baseline_decay) if config.advantage == "reinforce" else None
+    with_baseline = config.advantage == "reinforce" and config.reinforce_baseline
+    baseline = RunningMeanBaseline(config.baseline_decay) if with_baseline else None
     extra = online.start()
     if extra and baseline is not None:
         baseline.load_state_dict(extra["baseline"])
