@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "tether"
 
 LAYERS = [  # top to bottom; a module may import its own layer and any layer below it
-    {"cli", "pipeline", "demo", "generate", "__main__"},
+    {"cli", "pipeline", "demo", "generate", "sweep", "__main__"},
     {"recipes"},
     {"online"},
     {"eval", "annotate"},

@@ -15,7 +15,7 @@ from tether.recipes import ppo
 from tether.recipes.ppo import PPOConfig
 
 TINY = "tiny:hidden_size=64,intermediate_size=128,num_hidden_layers=2"
-TIMING = ("step_time", "tokens_per_s")
+TIMING = ("step_time", "tokens_per_s", "peak_memory_mb", "peak_rss_mb")  # machine-dependent
 
 
 def digit_fraction(prompts, completions, **columns):

@@ -43,6 +43,7 @@ TOOLS = {
     "pipeline": "tether.pipeline:pipeline_main",
     "demo": "tether.demo:demo_main",
     "rollout-server": "tether.rollout.server:server_main",
+    "sweep": "tether.sweep:sweep_main",
 }
 
 USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
@@ -63,6 +64,7 @@ Tools:
   demo        the whole pipeline on the built-in tiny model, on this CPU
   annotate    a web page where people label preference pairs (then: annotate export | annotate stats)
   rollout-server  serve a rollout engine (vLLM or built-in) over HTTP for a trainer elsewhere
+  sweep       one recipe over a list of values of one key (e.g. kl_coef), each run in its own folder, then a plot
 """
 
 

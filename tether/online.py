@@ -32,7 +32,7 @@ from tether.data.batching import derive_seed, split_micro_batches
 from tether.kl_control import AdaptiveKLController, FixedKLController
 from tether.losses import kl_estimate, sequence_kl
 from tether.models import unwrap
-from tether.models.forward import logprob_fn, scoring_pass, take
+from tether.models.forward import completion_forward, logprob_fn, scoring_pass, take
 from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
@@ -41,6 +41,7 @@ from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
 from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
 from tether.runtime import distributed
 from tether.runtime.distributed import global_mean
+from tether.runtime.grad_stats import policy_gradient_variance
 from tether.runtime.logger import SampleWriter
 from tether.runtime.metrics import Timer, UpdateStats
 from tether.runtime.run import Run, autocast
@@ -170,7 +171,14 @@ class OnlineRun:
         """μ = ppo_epochs passes over the step's rows in shuffled minibatches, one optimizer step each, every
         minibatch in micro-batches of `micro_batch_size`. `after_optimizer_step()` (e.g. the critic's step)
         runs after each policy step and returns metrics. Returns the update's metrics (`UpdateStats`)."""
-        config, stats = self.config, UpdateStats()
+        config, stats, grad_var = self.config, UpdateStats(), {}
+        if config.log_grad_variance:  # the noise of the policy-gradient estimate (seed 003, exercise 15)
+            with exp.timer.section("grad_variance"), autocast(self.run):
+                policy = unwrap(self.model)
+                grad_var = policy_gradient_variance(
+                    policy, lambda rows: completion_forward(policy, take(exp.batch, rows),
+                                                            temperature=exp.temperature)[0],
+                    exp.batch["advantages"], exp.batch["loss_mask"], exp.micro_size)
         with exp.timer.section("update"):
             for epoch in range(config.ppo_epochs):
                 for index in minibatches(exp.size, config.num_minibatches, derive_seed(config.seed, exp.step, epoch)):
@@ -186,7 +194,7 @@ class OnlineRun:
                     stats.optimizer_step(grad_norm)
                     if after_optimizer_step is not None:
                         stats.add({}, after_optimizer_step(), 1.0)
-        return stats.reduce()
+        return {**stats.reduce(), **grad_var}
 
     def end_step(self, exp: Experience, metrics: dict, *, advantages: Tensor | None = None,
                  extra: Callable[[], dict] | None = None) -> None:

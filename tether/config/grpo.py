@@ -23,6 +23,8 @@ class GRPOConfig(OnlineConfig):
     """Group std of grpo: population (÷G) or sample (÷(G−1), as TRL and verl)."""
     baseline_decay: float = 0.9
     """reinforce: decay of the running-mean reward baseline."""
+    reinforce_baseline: bool = True
+    """reinforce: subtract the running-mean baseline; false: advantage = reward (plain REINFORCE)."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """How β·KL enters: loss = a loss term (GRPO); reward = subtracted from each completion's reward as
     β·Σ_t KL_t before the advantages (the estimator in `kl_estimator`)."""

@@ -105,6 +105,9 @@ class OnlineConfig(TrainConfig):
     async_rollouts: int = 0
     """k > 0: one background thread generates up to k batches ahead while the trainer updates, with weights
     up to k updates old (tether.rollout.async_queue); 0: synchronous. Resume is exact only at 0."""
+    log_grad_variance: bool = False
+    """Log grad_var (tr Cov of one completion's policy gradient), grad_var_of_mean and grad_mean_norm_sq each
+    step, from per-completion gradients at the step's start (one backward per completion; tether.runtime.grad_stats)."""
 
     def validate(self) -> None:
         checks = [
