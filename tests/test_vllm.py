@@ -20,7 +20,8 @@ from scipy.stats import chisquare  # noqa: E402
 from tether.models import LoraConfig, add_lora  # noqa: E402
 from tether.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 from tether.ops import model_token_logprobs  # noqa: E402
-from tether.rollout import BuiltinSampler, RolloutBatch, Sampler, SamplingParams, get_sampler  # noqa: E402
+from tether.rollout import BuiltinSampler, RolloutBatch, Sampler, SamplingParams  # noqa: E402
+from tether.rollout.factory import shared_sampler  # noqa: E402
 
 PROMPTS = ["a", "hello wor", "1+2=3, 4"]  # different lengths
 # A wide initialisation gives a random model peaked next-token distributions, so its greedy outputs vary
@@ -40,9 +41,7 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def engine(model, tok):
-    sampler = get_sampler("vllm", model, tok)
-    yield sampler
-    sampler.close()
+    return shared_sampler("vllm", model, tok)  # the process's one engine: tests/test_vllm_commands.py reuses it
 
 
 @pytest.fixture()

@@ -339,13 +339,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--chat-template", choices=["auto", "always", "never"], default=defaults.chat_template)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--rollout-engine", choices=["builtin", "vllm"], default=defaults.rollout_engine,
+                        help="sampling engine, as rollout_engine in the recipes' configs")
     parser.add_argument("--output", default="", help="write the result (with every sample) to this JSON file")
     args = parse_args(parser, argv)
     config = load_config(EvalConfig, None, {
         "model": args.model, "data": args.data, "n": args.n, "k": args.k, "temperature": args.temperature,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "rewards": args.rewards,
         "correct_threshold": args.correct_threshold, "batch_size": args.batch_size, "seed": args.seed,
-        "chat_template": args.chat_template, "device": args.device})
+        "chat_template": args.chat_template, "device": args.device, "rollout_engine": args.rollout_engine})
     result = evaluate_config(config, keep_samples=bool(args.output))
     if not distributed.is_main():  # every rank holds the whole result; rank 0 reports it
         return 0

@@ -29,7 +29,7 @@ def shared_sampler(engine: str, model, tokenizer, **kwargs) -> Sampler:
     if engine != "vllm":
         return get_sampler(engine, model, tokenizer, **kwargs)
     options = {k: v for k, v in kwargs.items() if k != "batch_size"}  # vLLM schedules its own batches
-    key = (model.config.to_json_string(use_diff=False), len(tokenizer), repr(sorted(options.items())))
+    key = (architecture(model), len(tokenizer), repr(sorted(options.items())))
     if engine in _shared and _shared[engine][0] == key:
         sampler = _shared[engine][1]
         sampler.load_weights(model)
@@ -39,3 +39,11 @@ def shared_sampler(engine: str, model, tokenizer, **kwargs) -> Sampler:
     sampler = get_sampler(engine, model, tokenizer, **options)
     _shared[engine] = (key, sampler)
     return sampler
+
+
+def architecture(model) -> str:
+    """The model's config without what saving and loading change (name, dtype, versions): two models with the
+    same architecture key fit the same engine."""
+    config = {k: v for k, v in sorted(model.config.to_dict().items())
+              if not k.startswith("_") and k not in ("architectures", "dtype", "torch_dtype", "transformers_version")}
+    return repr(config)
