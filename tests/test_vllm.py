@@ -18,8 +18,8 @@ pytest.importorskip("vllm")
 from scipy.stats import chisquare  # noqa: E402
 
 from tether.models import LoraConfig, add_lora  # noqa: E402
+from tether.models.forward import model_token_logprobs  # noqa: E402
 from tether.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from tether.ops import model_token_logprobs  # noqa: E402
 from tether.rollout import BuiltinSampler, RolloutBatch, Sampler, SamplingParams  # noqa: E402
 from tether.rollout.factory import shared_sampler  # noqa: E402
 

@@ -16,6 +16,7 @@ How it works:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -171,8 +172,12 @@ class VLLMSampler(Sampler):
         # and no two samples of a call share their noise. A call's samples are a function of params.seed.
         seeds = [None if params.seed is None else (params.seed + i * params.n) % SEED_MODULUS
                  for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
-                                    [self._vllm_params(params, seed) for seed in seeds], use_tqdm=False)
+        # vLLM refuses n > 1 when greedy (the built-in engine returns n equal samples): n requests of 1 each.
+        copies = params.n if params.temperature == 0 else 1
+        each = dataclasses.replace(params, n=params.n // copies)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(copies)],
+                                    [self._vllm_params(each, seed) for seed in seeds for _ in range(copies)],
+                                    use_tqdm=False)
         completion_ids, logprobs, reasons, texts = [], [], [], []
         for request in outputs:
             for sample in sorted(request.outputs, key=lambda o: o.index):
