@@ -11,6 +11,7 @@ demo: install
 test: install
 	PYTHON=$(PYTHON) bash scripts/install_browser.sh
 	$(PYTHON) -m pytest -q tests
+	$(MAKE) test-vllm
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
