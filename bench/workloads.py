@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -96,7 +97,9 @@ def run(job: dict) -> dict:
     setup(job)
     for lever in job.get("levers", []):  # bench/levers/<name>.py: a proposed tether change, patched in
         importlib.import_module(f"levers.{lever}").apply()
-    fn = globals()[f"{job['lib']}_{job['workload']}"]
+    # the job's function: <lib>_<workload> in this module, or in `module` (e.g. learning.py's jobs)
+    module = importlib.import_module(job["module"]) if job.get("module") else sys.modules[__name__]
+    fn = getattr(module, f"{job['lib']}_{job['workload']}")
     rss_start = _rss_mb()
     out_dir = Path(job["out_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -125,11 +128,21 @@ def _rss_mb() -> float:
 
 
 def _tether_common(job: dict) -> dict:
+    lora = job.get("lora")
+    lora_options = {"lora": {key: lora[key] for key in ("r", "alpha", "target_modules")}} if lora else {}
     return dict(model=job["model"], output_dir=str(Path(job["out_dir"]) / "run"),
                 max_steps=job["warmup"] + job["steps"] + 1, batch_size=job.get("batch_size", 0),
                 learning_rate=job["learning_rate"], lr_scheduler="constant", seed=job.get("seed", 0),
                 max_length=job.get("max_length", 512), report_to=[], progress=False, log_steps=10**9,
-                save_steps=0, **job.get("tether_options", {}))
+                save_steps=0, **lora_options, **job.get("tether_options", {}))
+
+
+def _tether_config(cls, **values):
+    """A recipe config through `tether.config.load_config`, the way a YAML file and `key=value` overrides are read
+    (nested keys such as `lora` given as mappings)."""
+    from tether.config import load_config
+
+    return load_config(cls, overrides=values)
 
 
 def _tether_train(job: dict, recipe, config, clock: Clock | None = None) -> dict:
@@ -151,7 +164,7 @@ def _tether_train(job: dict, recipe, config, clock: Clock | None = None) -> dict
 def tether_sft(job: dict) -> dict:
     from tether.recipes import sft
 
-    config = sft.SFTConfig(data=str(Path(job["data_dir"]) / "sft.jsonl"), **_tether_common(job))
+    config = _tether_config(sft.SFTConfig, data=str(Path(job["data_dir"]) / "sft.jsonl"), **_tether_common(job))
     return _tether_train(job, sft, config)
 
 
@@ -161,8 +174,8 @@ def tether_dpo(job: dict) -> dict:
     # precompute_ref=false: the reference forward runs in every step, as in TRL's default; tether's default
     # (precompute once before training) is measured separately as a lever in docs/benchmarks.md.
     options = {"precompute_ref": False, **job.get("tether_options", {})}
-    config = dpo.DPOConfig(data=str(Path(job["data_dir"]) / "dpo.jsonl"), loss="dpo", beta=job["beta"],
-                           **{**_tether_common(job), **options})
+    config = _tether_config(dpo.DPOConfig, data=str(Path(job["data_dir"]) / "dpo.jsonl"), loss="dpo",
+                            beta=job["beta"], **{**_tether_common(job), **options})
     return _tether_train(job, dpo, config)
 
 
@@ -192,8 +205,8 @@ def tether_grpo(job: dict) -> dict:
             return params
 
         grpo.sampling_params = fixed_length
-    config = grpo.GRPOConfig(data=str(Path(job["data_dir"]) / "prompts.jsonl"),
-                             **{**common, **options, **job.get("tether_options", {})})
+    config = _tether_config(grpo.GRPOConfig, data=str(Path(job["data_dir"]) / "prompts.jsonl"),
+                            **{**common, **options, **job.get("tether_options", {})})
     clock = Clock()
     sampler_module.BuiltinSampler.generate = clock.timed(sampler_module.BuiltinSampler.generate, "generate")
     return _tether_train(job, grpo, config, clock)
@@ -238,6 +251,19 @@ def _trl_common(job: dict) -> dict:
                 model_init_kwargs={"dtype": "float32"}, **job.get("trl_options", {}))
 
 
+def _trl_peft(job: dict) -> dict:
+    """The trainer's `peft_config` for a LoRA job (adapters on the same modules as tether's), else nothing. With
+    an adapter and no reference model given, TRL's reference is the policy with the adapter switched off, as
+    tether's is."""
+    lora = job.get("lora")
+    if not lora:
+        return {}
+    from peft import LoraConfig
+
+    return {"peft_config": LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")}
+
+
 def _trl_train(job: dict, trainer, clock: Clock | None = None) -> dict:
     from transformers import TrainerCallback
 
@@ -269,7 +295,7 @@ def trl_dpo(job: dict) -> dict:
 
     dataset = load_dataset("json", data_files=str(Path(job["data_dir"]) / "dpo.jsonl"), split="train")
     args = DPOConfig(max_length=job.get("max_length", 512), beta=job["beta"], **_trl_common(job))
-    trainer = DPOTrainer(model=job["model"], args=args, train_dataset=dataset)
+    trainer = DPOTrainer(model=job["model"], args=args, train_dataset=dataset, **_trl_peft(job))
     return _trl_train(job, trainer)
 
 
@@ -287,7 +313,8 @@ def trl_grpo(job: dict) -> dict:
     args = GRPOConfig(num_generations=job["group_size"], max_completion_length=n, beta=job["beta"],
                       generation_kwargs={"min_new_tokens": n}, temperature=1.0, top_p=1.0, top_k=0,
                       **common)
-    trainer = GRPOTrainer(model=job["model"], args=args, train_dataset=dataset, reward_funcs=reward.reward)
+    trainer = GRPOTrainer(model=job["model"], args=args, train_dataset=dataset, reward_funcs=reward.reward,
+                          **_trl_peft(job))
     clock = Clock()
     from transformers import GenerationMixin
 
