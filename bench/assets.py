@@ -9,6 +9,9 @@ Three models, saved with `save_pretrained` so tether and TRL load the very same 
   mid       a Llama of a realistic small shape: hidden 512, 4 layers, 8 heads, intermediate 1408, vocabulary
             32,000 (Llama-2's), tied embeddings: 29.2M parameters, 56% of them in the embedding / LM head,
             with a word-level tokenizer of 32,000 synthetic words.
+  qwen05b   (bench/gpu.sh only) Qwen2.5-0.5B's shape as a Llama with random weights: hidden 896, 24 layers,
+            14 heads (2 key/value heads), intermediate 4864, vocabulary 151,936, tied embeddings (~0.49B; no
+            q/k/v bias, the one difference from Qwen2), with the vocab150k word-level tokenizer.
 Datasets are JSONL written next to each model, drawn from a seeded generator, with lengths in tokens
 controlled exactly (one character = one token for `tiny`, one word = one token for the word-level models).
 
@@ -36,6 +39,7 @@ SHAPES = {
     "mid": dict(sft_prompt=(48, 80), sft_completion=(96, 160), dpo_prompt=(48, 80), dpo_response=(96, 160),
                 rl_prompt=(48, 80)),
 }
+SHAPES["qwen05b"] = SHAPES["mid"]
 SFT_ROWS, DPO_ROWS, RL_ROWS = 256, 256, 64
 
 QWEN_VOCAB_SIZE = 151_936  # Qwen2/2.5 embedding rows
@@ -45,8 +49,12 @@ BIG_SIZE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_
 MID_VOCAB_SIZE = 32_000
 MID_SIZE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=8, max_position_embeddings=1024)
+QWEN05B_SIZE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 # Per word-level model: (embedding rows, regular word tokens, layer sizes).
-WORD_MODELS = {"vocab150k": (QWEN_VOCAB_SIZE, WORD_TOKENS, BIG_SIZE), "mid": (MID_VOCAB_SIZE, MID_VOCAB_SIZE, MID_SIZE)}
+WORD_MODELS = {"vocab150k": (QWEN_VOCAB_SIZE, WORD_TOKENS, BIG_SIZE), "mid": (MID_VOCAB_SIZE, MID_VOCAB_SIZE, MID_SIZE),
+               "qwen05b": (QWEN_VOCAB_SIZE, WORD_TOKENS, QWEN05B_SIZE)}
 
 
 def word_tokenizer(words: int = WORD_TOKENS):

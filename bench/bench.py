@@ -43,10 +43,13 @@ WORKLOADS = {
     "dpo_lora": dict(kind="dpo", batch_size=8, learning_rate=1e-5, beta=0.1, lora=LORA),
     "grpo_lora": dict(kind="grpo", prompts_per_step=8, group_size=8, max_new_tokens=64, learning_rate=1e-5,
                       beta=0.04, lora=LORA),
+    # bench/gpu.sh, when vLLM is installed: tether's sampler on its vLLM engine against TRL's HF generate call
+    "generate_vllm": dict(kind="generate", engine="vllm", prompts_per_step=8, group_size=8, max_new_tokens=64),
 }
 # The workloads each model runs (--workloads narrows them).
 MODEL_WORKLOADS = {"tiny": ["sft", "dpo", "grpo", "generate"], "vocab150k": ["sft", "dpo", "grpo", "generate"],
-                   "mid": ["sft", "dpo", "grpo", "generate", "dpo_lora", "grpo_lora"]}
+                   "mid": ["sft", "dpo", "grpo", "generate", "dpo_lora", "grpo_lora"],
+                   "qwen05b": ["sft", "dpo", "grpo", "generate", "dpo_lora", "grpo_lora", "generate_vllm"]}
 # (warmup, timed steps) per repeat, by model and workload; --quick uses QUICK_STEPS and 2 repeats. A training run
 # also drops its first step (it has no start mark), so warmup 0 still leaves one untimed step.
 STEPS = {
@@ -55,11 +58,13 @@ STEPS = {
     ("vocab150k", "generate"): (1, 1),
     ("mid", "sft"): (0, 2), ("mid", "dpo"): (0, 1), ("mid", "grpo"): (0, 1), ("mid", "generate"): (1, 1),
     ("mid", "dpo_lora"): (0, 1), ("mid", "grpo_lora"): (0, 1),
+    **{("qwen05b", w): (2, 5) for w in ("sft", "dpo", "dpo_lora")},
+    **{("qwen05b", w): (1, 3) for w in ("grpo", "grpo_lora", "generate", "generate_vllm")},
 }
 QUICK_STEPS = {key: (min(warmup, 1), max(1, timed // 3)) for key, (warmup, timed) in STEPS.items()}
 # Repeats per library by model (default run; --repeats overrides, --quick runs 2 of the tiny model and 1 of the
 # others).
-REPEATS = {"tiny": 5, "vocab150k": 3, "mid": 3}
+REPEATS = {"tiny": 5, "vocab150k": 3, "mid": 3, "qwen05b": 3}
 # Per-model overrides of WORKLOADS. The big-vocabulary model runs smaller RL shapes (TRL needs ~70 s for one
 # 8 x 8 x 64 GRPO step on it), and both libraries split its GRPO batch into the same micro-batches for memory.
 # The mid model runs issue 24's shapes: 4 prompts x 8 completions x 128 new tokens.
@@ -69,6 +74,8 @@ OVERRIDES = {
     ("mid", "grpo"): dict(prompts_per_step=4, max_new_tokens=128),
     ("mid", "grpo_lora"): dict(prompts_per_step=4, max_new_tokens=128),
     ("mid", "generate"): dict(prompts_per_step=4, max_new_tokens=128),
+    **{("qwen05b", w): dict(prompts_per_step=4, max_new_tokens=128)
+       for w in ("grpo", "grpo_lora", "generate", "generate_vllm")},
 }
 # Ablation rows: tether with one kept lever turned off (a bench/levers ablation or a config key), measured in the
 # same alternating rounds as the plain row and compared with that row's TRL runs, so each lever's share shows.
@@ -194,18 +201,26 @@ def parameter_count(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GEMM throughput (FLOP/s) at `threads` threads: the denominator of the FLOP fractions."""
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 10, device: str = "cpu",
+                dtype: str = "float32") -> float:
+    """Best GEMM throughput (FLOP/s) at `threads` threads (CPU) or on the GPU, in `dtype`: the denominator of the
+    FLOP fractions."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if device != "cpu":
+        n = 8192
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     for _ in range(3):
         a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -232,6 +247,7 @@ def summarize(runs: list[dict], work: dict, peak: float) -> dict:
         "stages_s": stages,
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "rss_after_imports_mb": statistics.median(r["rss_start_mb"] for r in runs),
+        **({"peak_gpu_mb": statistics.median(r["peak_gpu_mb"] for r in runs)} if "peak_gpu_mb" in runs[0] else {}),
         "model_flops_per_s": work["flops"] / median,
         "fraction_of_matmul_peak": work["flops"] / median / peak,
     }
@@ -267,7 +283,9 @@ def main(argv=None) -> int:
                                                           "with a proposed patch applied) instead of the installed one")
     parser.add_argument("--repeats", type=int, default=None,
                         help="repeats per library (default: tiny 5, vocab150k 3, mid 3; quick: tiny 2, others 1)")
-    parser.add_argument("--models", default="tiny,vocab150k,mid")
+    parser.add_argument("--models", default=None, help="default tiny,vocab150k,mid (on --device cuda: qwen05b)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: bf16 on the GPU for both libraries (bench/gpu.sh); no ablations, no learning run")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="workloads to run where a model has them (default: all; mid alone runs the LoRA rows)")
     parser.add_argument("--no-ablations", action="store_true", help="skip the ablation rows (mid model)")
@@ -277,7 +295,15 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-correctness", action="store_true")
     args = parser.parse_args(argv)
     args.levers = [x for x in args.levers.split(",") if x]
-    models = [m for m in args.models.split(",") if m]
+    cuda = args.device == "cuda"
+    models = [m for m in (args.models or ("qwen05b" if cuda else "tiny,vocab150k,mid")).split(",") if m]
+    dtype = "bfloat16" if cuda else "float32"
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch.cuda.is_available() is False in this environment")
+        args.no_ablations = args.no_learning = args.skip_correctness = True  # fp32 CPU tolerances; CPU budgets
     wanted = [w for w in args.workloads.split(",") if w]
     for name in models:
         if name not in MODEL_WORKLOADS:
@@ -285,7 +311,8 @@ def main(argv=None) -> int:
     for name in wanted:
         if name not in WORKLOADS:
             parser.error(f"--workloads: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
-    plan = [(m, w) for m in models for w in MODEL_WORKLOADS[m] if w in wanted]
+    plan = [(m, w) for m in models for w in MODEL_WORKLOADS[m] if w in wanted
+            and (WORKLOADS[w].get("engine") != "vllm" or _importable("vllm"))]
     repeats = {m: args.repeats or ((2 if m == "tiny" else 1) if args.quick else REPEATS[m]) for m in models}
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -293,8 +320,8 @@ def main(argv=None) -> int:
     import assets
 
     assets.build_all(out, models)
-    peak_before = matmul_peak(args.threads)
-    print(f"fp32 matmul peak at {args.threads} threads: {peak_before / 1e9:.1f} GFLOP/s", flush=True)
+    peak_before = matmul_peak(args.threads, device=args.device, dtype=dtype)
+    print(f"{dtype} matmul peak ({args.device}, {args.threads} threads): {peak_before / 1e9:.1f} GFLOP/s", flush=True)
 
     correctness = None
     if not args.skip_correctness:
@@ -307,11 +334,11 @@ def main(argv=None) -> int:
         for model, workload in plan:
             ablations = [] if args.no_ablations or args.levers else MODEL_ABLATIONS.get((model, workload), [])
             measured.append((model, workload, measure(workers, model, workload, out, args, repeats[model],
-                                                      ablations)))
+                                                      ablations, dtype)))
     finally:
         for worker in workers.values():
             worker.close()
-    peak_after = matmul_peak(args.threads)
+    peak_after = matmul_peak(args.threads, device=args.device, dtype=dtype)
     # The best observed GEMM rate is the closest to the machine's peak (a loaded machine only lowers it).
     peak = max(peak_before, peak_after)
     results = [summarize_workload(model, workload, runs, out, peak) for model, workload, runs in measured]
@@ -324,6 +351,7 @@ def main(argv=None) -> int:
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(["bench/run.sh", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "device": args.device, "dtype": dtype, **gpu_name(args.device),
                     "torch_threads": args.threads, "load_average": os.getloadavg(),
                     "matmul_peak_gflops": {"before": peak_before / 1e9, "after": peak_after / 1e9,
                                            "used": peak / 1e9},
@@ -367,7 +395,7 @@ def targets_met(results: list[dict]) -> dict:
 
 
 def measure(workers: dict, model: str, workload: str, out: Path, args, repeats: int,
-            ablations: list[str] = ()) -> dict[str, list]:
+            ablations: list[str] = (), dtype: str = "float32") -> dict[str, list]:
     """Alternating repeats of one workload: {"tether": [child results], "trl": [...], "tether no packing": ...}.
 
     Each round runs tether, TRL and then the ablations (tether with one lever off); the next round runs them in
@@ -377,7 +405,7 @@ def measure(workers: dict, model: str, workload: str, out: Path, args, repeats: 
     micro = shape.pop("micro_batch_size", None)
     job = {"workload": kind_of(workload), "model": str(out / "models" / model),
            "data_dir": str(out / "data" / model), "warmup": warmup, "steps": steps, "threads": args.threads,
-           "seed": 0, **shape}
+           "seed": 0, "device": args.device, "dtype": dtype, **shape}
     variants = {"tether": ("tether", args.levers, {}), "trl": ("trl", [], {})}
     for name in ablations:
         variants[f"tether {name}"] = ("tether", ABLATIONS[name].get("levers", []), ABLATIONS[name].get("options", {}))
@@ -408,12 +436,13 @@ def summarize_workload(model: str, workload: str, runs: dict, out: Path, peak: f
     warmup, steps = runs["tether"][0]["warmup"], runs["tether"][0]["timed_steps"]
     work = work_per_step(model, workload, out)
     summary = {lib: summarize(runs[lib], work, peak) for lib in ("tether", "trl")}
+    memory = "peak_gpu_mb" if "peak_gpu_mb" in summary["tether"] else "peak_rss_mb"  # GPU runs: GPU memory
     paired, paired_cpu = _ratios(runs["trl"], runs["tether"])
     row = {"model": model, "workload": workload, "shape": shape_of(model, workload), "work_per_step": work,
            "warmup": warmup, "steps": steps, **summary, "speedup": statistics.median(paired),
            "speedup_per_round": paired, "speedup_cpu": statistics.median(paired_cpu),
            "speedup_cpu_per_round": paired_cpu,
-           "memory_ratio": summary["tether"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
+           "memory_ratio": summary["tether"][memory] / summary["trl"][memory]}
     ablations = {}
     for name in runs:
         if not name.startswith("tether "):
@@ -426,7 +455,7 @@ def summarize_workload(model: str, workload: str, runs: dict, out: Path, peak: f
             "speedup_cpu_per_round": vs_trl_cpu,
             # what the lever is worth: CPU time with it off / with it on (>1: the lever saves time)
             "lever_cpu": statistics.median(lever_cpu), "lever_cpu_per_round": lever_cpu,
-            "memory_ratio": variant["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
+            "memory_ratio": variant[memory] / summary["trl"][memory]}
     if ablations:
         row["ablations"] = ablations
     return row
@@ -437,6 +466,20 @@ def _ratios(slow: list[dict], fast: list[dict]) -> tuple[list[float], list[float
     mean = lambda run, key: statistics.mean(s[key] for s in run["steps"])  # noqa: E731
     return ([mean(b, "time") / mean(a, "time") for a, b in zip(fast, slow)],
             [mean(b, "cpu") / mean(a, "cpu") for a, b in zip(fast, slow)])
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def gpu_name(device: str) -> dict:
+    if device == "cpu":
+        return {}
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0)}
 
 
 def run_learning(out: Path, quick: bool, tether_src: str = "") -> dict:

@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import learning_task  # noqa: E402
+from report import learning_table  # noqa: E402
 
 # The SFT recipe that makes the starting policy (tether's tiny model from its seeded random init), sized so the
 # policy is right on a minority of held-out prompts: room for reinforcement to show what it buys.
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
               "wall_s": time.perf_counter() - started}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
+    print(learning_table(report))
     if args.plot:
         plot(report, Path(args.plot))
     return 0
@@ -351,22 +352,6 @@ def summarize(results: list[dict], variants: dict, start_accuracy: float) -> dic
                      "steps_mean": statistics.mean(steps), "steps": steps,
                      "steps_per_cpu_s": statistics.mean(s / c for s, c in zip(steps, cpu))}
     return out
-
-
-def table(report: dict) -> str:
-    lines = [f"Learning per CPU-second: {report['task']}; GRPO for {report['budget_cpu_s']:.0f} CPU-s per run from "
-             f"an SFT'd tiny model (held-out accuracy {report['sft']['accuracy']:.3f}), seeds "
-             f"{', '.join(map(str, report['seeds']))}.", "",
-             "| variant | optimizer steps | steps / CPU-s | held-out accuracy (mean ± sd) | per seed |",
-             "|---|---|---|---|---|"]
-    for name, s in report["summary"].items():
-        if "error" in s:
-            lines.append(f"| {name} | – | – | {s['error']} | |")
-            continue
-        lines.append(f"| {name} | {s['steps_mean']:.0f} | {s['steps_per_cpu_s']:.2f} "
-                     f"| {s['final_accuracy_mean']:.3f} ± {s['final_accuracy_sd']:.3f} "
-                     f"| {', '.join(f'{a:.3f}' for a in s['final_accuracy'])} |")
-    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:

@@ -39,6 +39,8 @@ class Clock:
         self._optimizer_start = None
 
     def mark(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a step ends when its kernels have
         self.marks.append((time.perf_counter(), time.process_time(), dict(self.totals)))
 
     def timed(self, fn, stage: str):
@@ -109,6 +111,8 @@ def run(job: dict) -> dict:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     result["rss_start_mb"] = rss_start
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["torch_threads"] = torch.get_num_threads()
     if job["lib"] == "tether":
         import tether
@@ -134,7 +138,8 @@ def _tether_common(job: dict) -> dict:
                 max_steps=job["warmup"] + job["steps"] + 1, batch_size=job.get("batch_size", 0),
                 learning_rate=job["learning_rate"], lr_scheduler="constant", seed=job.get("seed", 0),
                 max_length=job.get("max_length", 512), report_to=[], progress=False, log_steps=10**9,
-                save_steps=0, **lora_options, **job.get("tether_options", {}))
+                save_steps=0, device=job.get("device", "cpu"), dtype=job.get("dtype", "float32"), **lora_options,
+                **job.get("tether_options", {}))
 
 
 def _tether_config(cls, **values):
@@ -213,14 +218,14 @@ def tether_grpo(job: dict) -> dict:
 
 
 def tether_generate(job: dict) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tether.rollout import SamplingParams, get_sampler
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    model = _load_for_generation(job)
     prompts = [row["prompt"] for row in read_jsonl(Path(job["data_dir"]) / "prompts.jsonl")][: job["prompts_per_step"]]
-    sampler = get_sampler("builtin", model, tokenizer, **job.get("tether_options", {}))
+    sampler = get_sampler(job.get("engine", "builtin"), model, tokenizer, **job.get("tether_options", {}))
     params = SamplingParams(n=job["group_size"], temperature=1.0, max_new_tokens=job["max_new_tokens"],
                             min_new_tokens=job["max_new_tokens"], seed=job.get("seed", 0))
     clock = Clock()
@@ -237,18 +242,27 @@ def tether_generate(job: dict) -> dict:
 # ----------------------------------------------------------------------------- TRL
 
 
+def _load_for_generation(job: dict):
+    """The benchmark model for a generation job, on the job's device in its dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).to(job.get("device", "cpu"))
+    return model.eval()
+
+
 def _trl_common(job: dict) -> dict:
     micro = job.get("trl_micro_batch") or job.get("batch_size")
     return dict(output_dir=str(Path(job["out_dir"]) / "run"), max_steps=job["warmup"] + job["steps"] + 1,
                 per_device_train_batch_size=micro, gradient_accumulation_steps=job.get("trl_accumulation", 1),
                 learning_rate=job["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
                 seed=job.get("seed", 0), data_seed=job.get("seed", 0), report_to="none", save_strategy="no",
-                eval_strategy="no", logging_steps=10**9, disable_tqdm=True, use_cpu=True,
-                dataloader_num_workers=0,
+                eval_strategy="no", logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0,
+                use_cpu=job.get("device", "cpu") == "cpu",
                 # TRL defaults that would change the work: bf16 autocast and gradient checkpointing are on by
                 # default in TRL 1.x trainers; tether runs fp32 without checkpointing, so both are turned off.
-                bf16=False, gradient_checkpointing=False,
-                model_init_kwargs={"dtype": "float32"}, **job.get("trl_options", {}))
+                bf16=job.get("dtype") == "bfloat16", gradient_checkpointing=False,
+                model_init_kwargs={"dtype": job.get("dtype", "float32")}, **job.get("trl_options", {}))
 
 
 def _trl_peft(job: dict) -> dict:
@@ -324,18 +338,17 @@ def trl_grpo(job: dict) -> dict:
 
 def trl_generate(job: dict) -> dict:
     """The HF `generate` call a user (or TRL's GRPOTrainer without vLLM) makes: tokenize, generate, decode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"], padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
-    model.eval()
+    model = _load_for_generation(job)
     prompts = [row["prompt"] for row in read_jsonl(Path(job["data_dir"]) / "prompts.jsonl")][: job["prompts_per_step"]]
     n = job["max_new_tokens"]
     clock = Clock()
     torch.manual_seed(job.get("seed", 0))
 
     def generate():
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             output = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                     max_new_tokens=n, min_new_tokens=n, num_return_sequences=job["group_size"],
