@@ -56,15 +56,18 @@ STEPS = {
     ("tiny", "sft"): (3, 10), ("tiny", "dpo"): (3, 8), ("tiny", "grpo"): (1, 3), ("tiny", "generate"): (1, 3),
     ("vocab150k", "sft"): (0, 2), ("vocab150k", "dpo"): (0, 1), ("vocab150k", "grpo"): (0, 1),
     ("vocab150k", "generate"): (1, 1),
-    ("mid", "sft"): (0, 2), ("mid", "dpo"): (0, 1), ("mid", "grpo"): (0, 1), ("mid", "generate"): (1, 1),
+    ("mid", "sft"): (0, 1), ("mid", "dpo"): (0, 1), ("mid", "grpo"): (0, 1), ("mid", "generate"): (1, 1),
     ("mid", "dpo_lora"): (0, 1), ("mid", "grpo_lora"): (0, 1),
     **{("qwen05b", w): (2, 5) for w in ("sft", "dpo", "dpo_lora")},
     **{("qwen05b", w): (1, 3) for w in ("grpo", "grpo_lora", "generate", "generate_vllm")},
 }
 QUICK_STEPS = {key: (min(warmup, 1), max(1, timed // 3)) for key, (warmup, timed) in STEPS.items()}
-# Repeats per library by model (default run; --repeats overrides, --quick runs 2 of the tiny model and 1 of the
-# others).
-REPEATS = {"tiny": 5, "vocab150k": 3, "mid": 3, "qwen05b": 3}
+# Repeats per library by model, or by (model, workload) where that differs (default run; --repeats overrides,
+# --quick runs 2 of the tiny model and 1 of the others). Ablation variants run in the first ABLATION_ROUNDS rounds.
+# Sized so that the whole default run takes ~25 minutes on 2 idle cores.
+REPEATS = {"tiny": 3, "vocab150k": 2, "mid": 3, "qwen05b": 3,
+           ("mid", "grpo"): 2, ("mid", "dpo_lora"): 2, ("mid", "grpo_lora"): 2}
+ABLATION_ROUNDS = 2
 # Per-model overrides of WORKLOADS. The big-vocabulary model runs smaller RL shapes (TRL needs ~70 s for one
 # 8 x 8 x 64 GRPO step on it), and both libraries split its GRPO batch into the same micro-batches for memory.
 # The mid model runs issue 24's shapes: 4 prompts x 8 completions x 128 new tokens.
@@ -273,7 +276,8 @@ def versions() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: every model and row, 1-2 repeats, fewer steps (~6 minutes)")
+                        help="smoke run (~6 minutes): tiny (2 repeats) and mid's four plain rows (1 repeat), fewer "
+                             "steps, no ablations, a 15-CPU-second learning run on one seed")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both libraries (default 1: see docs/benchmarks.md)")
     parser.add_argument("--levers", default="", help="tether changes from bench/levers to patch in "
@@ -282,7 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tether-src", default="", help="measure the tether in this source tree (e.g. a checkout "
                                                           "with a proposed patch applied) instead of the installed one")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="repeats per library (default: tiny 5, vocab150k 3, mid 3; quick: tiny 2, others 1)")
+                        help="repeats per library (default: REPEATS in bench.py; quick: tiny 2, mid 1)")
     parser.add_argument("--models", default=None, help="default tiny,vocab150k,mid (on --device cuda: qwen05b)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: bf16 on the GPU for both libraries (bench/gpu.sh); no ablations, no learning run")
@@ -311,9 +315,15 @@ def main(argv=None) -> int:
     for name in wanted:
         if name not in WORKLOADS:
             parser.error(f"--workloads: unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    if args.quick and args.models is None and not cuda:
+        models = ["tiny", "mid"]
     plan = [(m, w) for m in models for w in MODEL_WORKLOADS[m] if w in wanted
-            and (WORKLOADS[w].get("engine") != "vllm" or _importable("vllm"))]
-    repeats = {m: args.repeats or ((2 if m == "tiny" else 1) if args.quick else REPEATS[m]) for m in models}
+            and (WORKLOADS[w].get("engine") != "vllm" or _importable("vllm"))
+            and not (args.quick and "lora" in WORKLOADS[w])]
+    if args.quick:
+        args.no_ablations = True
+    repeats = {f"{m}/{w}": args.repeats or ((2 if m == "tiny" else 1) if args.quick else
+                                            REPEATS.get((m, w), REPEATS[m])) for m, w in plan}
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
 
@@ -333,8 +343,8 @@ def main(argv=None) -> int:
     try:
         for model, workload in plan:
             ablations = [] if args.no_ablations or args.levers else MODEL_ABLATIONS.get((model, workload), [])
-            measured.append((model, workload, measure(workers, model, workload, out, args, repeats[model],
-                                                      ablations, dtype)))
+            measured.append((model, workload, measure(workers, model, workload, out, args,
+                                                      repeats[f"{model}/{workload}"], ablations, dtype)))
     finally:
         for worker in workers.values():
             worker.close()
@@ -398,8 +408,8 @@ def measure(workers: dict, model: str, workload: str, out: Path, args, repeats: 
             ablations: list[str] = (), dtype: str = "float32") -> dict[str, list]:
     """Alternating repeats of one workload: {"tether": [child results], "trl": [...], "tether no packing": ...}.
 
-    Each round runs tether, TRL and then the ablations (tether with one lever off); the next round runs them in
-    the reverse order, so drifting load hits all of them alike."""
+    Each round runs tether, TRL and then the ablations (tether with one lever off; first ABLATION_ROUNDS rounds
+    only); the next round runs them in the reverse order, so drifting load hits all of them alike."""
     warmup, steps = (QUICK_STEPS if args.quick else STEPS)[(model, workload)]
     shape = shape_of(model, workload)
     micro = shape.pop("micro_batch_size", None)
@@ -411,7 +421,8 @@ def measure(workers: dict, model: str, workload: str, out: Path, args, repeats: 
         variants[f"tether {name}"] = ("tether", ABLATIONS[name].get("levers", []), ABLATIONS[name].get("options", {}))
     runs = {name: [] for name in variants}
     for r in range(repeats):
-        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        names = [n for n in variants if r < ABLATION_ROUNDS or not n.startswith("tether ")]
+        order = names if r % 2 == 0 else names[::-1]
         for name in order:
             lib, levers, options = variants[name]
             lib_job = dict(job, lib=lib, out_dir=str(out / "runs" / f"{lib}-{model}-{workload}"),
