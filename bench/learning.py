@@ -234,12 +234,12 @@ def parse_variant(text: str) -> tuple[str, dict]:
     """`tether@learning_rate=2e-4@group_size=16` -> ("tether", {"learning_rate": 0.0002, "group_size": 16})."""
     lib, *parts = text.split("@")
     if lib not in ("tether", "trl"):
-        raise SystemExit(f"learning.py: variant {text!r}: start with tether or trl")
+        raise ValueError(f"variant {text!r}: start with tether or trl")
     changes = {}
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep or key not in GRPO:
-            raise SystemExit(f"learning.py: variant {text!r}: expected @key=value with key one of {', '.join(GRPO)}")
+            raise ValueError(f"variant {text!r}: expected @key=value with key one of {', '.join(GRPO)}")
         changes[key] = json.loads(value)
     return lib, changes
 
@@ -260,7 +260,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     budget = args.budget or (15.0 if args.quick else 60.0)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    variants = {v: parse_variant(v) for v in args.variants.split(",") if v}
+    try:
+        variants = {v: parse_variant(v) for v in args.variants.split(",") if v}
+    except (ValueError, json.JSONDecodeError) as err:
+        parser.error(f"--variants: {err}")
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     data = build_data(out)
