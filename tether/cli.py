@@ -16,6 +16,7 @@ from tether.config import ConfigError, config_help, load_config
 RECIPES = {
     "sft": "tether.recipes.sft:SFTConfig:train",
     "rm": "tether.recipes.reward_model:RewardModelConfig:train",
+    "pm": "tether.recipes.preference_model:PreferenceModelConfig:train",
     "dpo": "tether.recipes.dpo:DPOConfig:train",
     "grpo": "tether.recipes.grpo:GRPOConfig:train",
     "ppo": "tether.recipes.ppo:PPOConfig:train",
@@ -36,6 +37,7 @@ USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
 Training recipes (each takes a YAML config and/or key=value overrides; --help lists every option):
   sft         supervised fine-tuning on demonstrations
   rm          Bradley-Terry reward model on preference pairs
+  pm          pairwise preference model P(a ≻ b | x) on the same pairs (non-transitive preferences)
   dpo         DPO and its family (ipo, cdpo, robust, hinge, simpo, orpo, kto) on preferences
   grpo        GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE with reward functions
   ppo         PPO with a critic and GAE

@@ -22,11 +22,11 @@ import torch
 
 from tether.config import ConfigError, TrainConfig
 from tether.data.batching import BatchOrder, split_micro_batches
-from tether.data.loading import load_rows
-from tether.data.preference import build_preference_pairs, collate_pairs
+from tether.data.preference import collate_pairs
 from tether.losses import bradley_terry_loss
 from tether.models.value import load_reward_model, sequence_rewards
 from tether.runtime import distributed
+from tether.runtime.pairs import load_pairs, split_held_out  # noqa: F401 (split_held_out: dpo imports it here)
 from tether.runtime.run import Run, autocast
 
 log = logging.getLogger("tether")
@@ -58,27 +58,6 @@ class RewardModelConfig(TrainConfig):
             raise ConfigError(f"config key 'micro_batch_size': {micro} must divide batch_size={self.batch_size}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"config key 'eval_fraction': expected 0 <= value < 1, got {self.eval_fraction}")
-
-
-def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held_out): a seeded random `fraction` of `items` held out (at least one when fraction > 0)."""
-    if fraction <= 0:
-        return items, []
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(items), generator=generator).tolist()
-    n_held = max(1, int(round(fraction * len(items))))
-    if n_held >= len(items):
-        raise ConfigError(f"config key 'eval_fraction': {fraction} of {len(items)} pairs leaves none to train on")
-    held = set(order[:n_held])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def load_pairs(config, tokenizer, source: str):
-    pairs, _ = build_preference_pairs(load_rows(source, config.data_split), tokenizer, source=source,
-                                      max_length=config.max_length, overlong=config.overlong,
-                                      chat_template=config.chat_template, skip_bad_rows=config.skip_bad_rows,
-                                      margin_column=config.margin_column)
-    return pairs
 
 
 def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
