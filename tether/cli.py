@@ -23,6 +23,7 @@ RECIPES = {
     "best-of-n": "tether.recipes.best_of_n:BestOfNConfig:run",
     "rft": "tether.recipes.rft:RFTConfig:train",
     "distill": "tether.recipes.distill:DistillConfig:train",
+    "nash": "tether.recipes.nash:NashConfig:train",
 }
 # subcommand → "module:function(argv) -> int"
 TOOLS = {
@@ -41,6 +42,7 @@ Training recipes (each takes a YAML config and/or key=value overrides; --help li
   dpo         DPO and its family (ipo, cdpo, robust, hinge, simpo, orpo, kto) on preferences
   grpo        GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE with reward functions
   ppo         PPO with a critic and GAE
+  nash        Nash-MD against a preference model (the policy no other policy beats)
   best-of-n   sample N per prompt, keep the best by reward
   rft         rejection-sampling fine-tuning (offline or iterative)
   distill     distil a teacher into a student
