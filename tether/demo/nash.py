@@ -57,7 +57,9 @@ class Size:
     pm_steps: int
     rl_steps: int
     rl_lr: float
-    beta: float             # β of GRPO's KL and τ of Nash-MD
+    beta: float             # β of GRPO's KL to π_ref
+    nash_lr: float          # Nash-MD's learning rate: at rl_lr it overshoots round the cycle (docs/nash.md)
+    tau: float              # τ of Nash-MD's KL to π_ref
     eval_samples: int       # fresh samples per prompt when judging
     group_size: int = 8
     model: str = "tiny"
@@ -65,9 +67,9 @@ class Size:
 
 SIZES = {
     "default": Size(n_sft=400, n_pairs=400, n_pairs_eval=150, sft_steps=120, pm_steps=80, rl_steps=60, rl_lr=5e-4,
-                    beta=0.02, eval_samples=32),
+                    beta=0.02, nash_lr=1e-4, tau=0.2, eval_samples=32),
     "small": Size(n_sft=300, n_pairs=300, n_pairs_eval=120, sft_steps=80, pm_steps=60, rl_steps=40, rl_lr=5e-4,
-                  beta=0.02, eval_samples=24),
+                  beta=0.02, nash_lr=1e-4, tau=0.2, eval_samples=24),
 }
 
 
@@ -207,7 +209,8 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
         **rl_keys(out, "grpo_rm", sft_final, data["prompts"], s, seed), "kl_penalty": "reward",
         "rewards": [{"name": "reward_model", "path": str(rm_final), "batch_size": 256}]}))
     nash_policy = nash.train(load_config(nash.NashConfig, None, {
-        **rl_keys(out, "nash", sft_final, data["prompts"], s, seed), "preference_model": str(pm_final),
+        **rl_keys(out, "nash", sft_final, data["prompts"], s, seed), "learning_rate": s.nash_lr, "kl_coef": s.tau,
+        "preference_model": str(pm_final),
         "opponent": "geometric", "mixture_coef": 0.125, "preference_batch_size": 128}))
 
     print("[4/4] judging every policy on fresh samples")

@@ -109,6 +109,8 @@ class Opponent:
         if self.kind == "mixture":
             pick = random.Random(derive_seed(self.config.seed, step, 7)).randrange(len(self.pool))
             self.model.load_state_dict(self.pool[pick])
+        # Its own seed: with the policy's, a mixture close to π_θ would draw the same tokens (P = 1/2, no signal).
+        params = dataclasses.replace(params, seed=derive_seed(self.config.seed, step, distributed.rank(), 1))
         return self.sampler.generate(prompt_ids, params).completions
 
     def after_step(self, policy, step: int) -> None:
