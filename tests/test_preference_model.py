@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from tether.cli import main as cli_main
 from tether.config import load_config
+from tether.eval.cli import eval_main
 from tether.models.preference import (MARKER_FILE, PreferenceScorer, collate_pair_orders, load_preference_model,
                                       preference_logits)
 from tether.recipes import preference_model, reward_model
@@ -72,6 +73,18 @@ def test_preference_model_learns_a_cycle_that_a_reward_model_cannot(tmp_path):
     backward = scorer.probabilities(["play:"] * 3, [l for _, l in CYCLE], [w for w, _ in CYCLE])
     assert min(forward) >= 0.8
     assert [f + b for f, b in zip(forward, backward)] == pytest.approx([1.0] * 3, abs=1e-6)
+
+    # `tether eval pm`: the same accuracies, side by side with the reward model, train and held-out.
+    output = tmp_path / "eval_pm.json"
+    assert eval_main(["pm", "--model", str(pm_final), "--data", held_out, "--train-data", data, "--reward-model",
+                      str(tmp_path / "rm" / "final"), "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["held_out"]["pm"]["accuracy"] == pytest.approx(pm_eval["accuracy"])
+    assert report["held_out"]["rm"]["accuracy"] == pytest.approx(rm_eval["accuracy"])
+    # On the unbalanced training pairs a scalar score can at best drop the rarest match-up.
+    counts = [sum(r["chosen"] == w for r in cycle_rows(96, seed=0)) for w, _ in CYCLE]
+    assert report["train"]["pm"]["accuracy"] >= 0.95
+    assert report["train"]["rm"]["accuracy"] <= 1 - min(counts) / 96 + 1e-6
 
 
 def test_pm_command_line_reports_bad_input_in_one_line(tmp_path, capsys):
