@@ -81,3 +81,24 @@ def test_nash_config_errors_are_one_line(tmp_path, capsys, preference_folder):
     assert "group_size" in capsys.readouterr().err
     assert cli_main(["nash", f"data={prompts}", f"preference_model={preference_folder}", "mixture_coef=2"]) == 2
     assert "mixture_coef" in capsys.readouterr().err
+
+
+def test_self_play_rewards_average_one_half_exactly(tmp_path, preference_folder):
+    """opponent=self: each sample's reward is its mean P against the other samples of its prompt. Summed over
+    a group, P(y_i ≻ y_j) + P(y_j ≻ y_i) = 1 pair by pair, so every step's mean reward is exactly 1/2 (and the
+    mean advantage 0), whatever the policy samples. opponent=mixture (π_0 in the pool) runs the same loop."""
+    from tether.config import load_config
+    from tether.recipes import nash
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["ab:", "cd:", "ef:", "gh:"]))
+    keys = {"model": TINY, "data": str(prompts), "preference_model": str(preference_folder), "max_steps": 2,
+            "batch_size": 2, "group_size": 3, "max_completion_length": 6, "max_prompt_length": 8, "max_length": 32,
+            "report_to": [], "progress": False, "learning_rate": 1e-3, "kl_coef": 0.1}
+    nash.train(load_config(nash.NashConfig, None, {**keys, "opponent": "self", "output_dir": str(tmp_path / "s")}))
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/preference_model/mean"] for r in rows] == pytest.approx([0.5, 0.5], abs=1e-6)
+    nash.train(load_config(nash.NashConfig, None, {**keys, "opponent": "mixture", "snapshot_steps": 1,
+                                                   "output_dir": str(tmp_path / "m")}))
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < r["reward/preference_model/mean"] < 1 for r in rows)
