@@ -34,7 +34,8 @@ def test_preference_model_loss_by_hand():
 
 
 def test_geometric_mixture_by_hand():
-    """π = (1/2, 1/2), π_ref = (0.9, 0.1), β = 1/2: ∝ (√0.45, √0.05) = (0.670820, 0.223607) → (0.75, 0.25)."""
+    """π = (1/2, 1/2), π_ref = (0.9, 0.1), β = 1/2: ∝ (√0.45, √0.05) = (0.670820, 0.223607)
+    → (0.75, 0.25)."""
     logits, ref_logits = torch.log(torch.tensor([0.5, 0.5])) + 3.0, torch.log(torch.tensor([0.9, 0.1])) - 1.0
     mixed = geometric_mixture(logits, ref_logits, 0.5).exp()
     assert mixed.tolist() == pytest.approx([0.75, 0.25], abs=1e-6)

@@ -31,7 +31,8 @@ def write(path, rows):
 
 
 def test_antisymmetry_is_exact():
-    """d(x, a, b) = −d(x, b, a) bit for bit, so P(a ≻ b) + P(b ≻ a) = σ(d) + σ(−d) = 1 (to float rounding of σ)."""
+    """d(x, a, b) = −d(x, b, a) bit for bit, so P(a ≻ b) + P(b ≻ a) = σ(d) + σ(−d) = 1 (to float rounding
+    of σ)."""
     model, tokenizer = load_preference_model(TINY, seed=2)
     torch.nn.init.normal_(model.score.weight, std=1.0)
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # noqa: E731
@@ -52,7 +53,8 @@ def test_antisymmetry_is_exact():
 def test_preference_model_learns_a_cycle_that_a_reward_model_cannot(tmp_path):
     """Both models, same size, same 96 pairs of the cycle rock ≻ scissors ≻ paper ≻ rock, 60 steps. No scalar
     score orders a cycle (at most 2 of its 3 pairs, tests/test_preference_game.py), so the RM's accuracy on the
-    cycle's three pairs is ≤ 2/3; the preference model gets all three (measured: 1.0, P(winner ≻ loser) 0.90-0.92)."""
+    cycle's three pairs is ≤ 2/3; the preference model gets all three (measured: 1.0, P(winner ≻ loser)
+    0.90-0.92)."""
     data = write(tmp_path / "pairs.jsonl", cycle_rows(96, seed=0))
     held_out = write(tmp_path / "held.jsonl", [{"prompt": "play:", "chosen": w, "rejected": l} for w, l in CYCLE])
     keys = {"model": TINY, "data": data, "eval_data": held_out, "max_steps": 60, "batch_size": 16,

@@ -31,7 +31,8 @@ def preference_model_loss(logits: Tensor) -> tuple[Tensor, Metrics]:
     metrics: accuracy (d > 0), prob_chosen (mean σ(d)).
     """
     loss = -F.logsigmoid(logits).mean()  # maximum likelihood of P(y_w ≻ y_l | x), Munos et al. 2024, §4
-    return loss, {"accuracy": (logits > 0).float().mean().detach(), "prob_chosen": torch.sigmoid(logits).mean().detach()}
+    return loss, {"accuracy": (logits > 0).float().mean().detach(),
+                  "prob_chosen": torch.sigmoid(logits).mean().detach()}
 
 
 def geometric_mixture(logits: Tensor, ref_logits: Tensor, beta: float) -> Tensor:
@@ -71,5 +72,6 @@ def exploitability(log_policy: Tensor, preference: Tensor) -> Tensor:
 
 def preference_advantages(win_probs: Tensor) -> Tensor:
     """Advantage P(y ≻ y') − 1/2 of each sample (N,); 1/2 = P(π ≻ π) is the exact baseline of a symmetric game
-    (the Nash-MD policy gradient, Munos et al. 2024, §7: ∇ E_{y∼π, y'∼π^β}[P(y ≻ y') − 1/2] − τ ∇ KL(π‖μ))."""
+    (the Nash-MD policy gradient, Munos et al. 2024, §7:
+    ∇ E_{y∼π, y'∼π^β}[P(y ≻ y') − 1/2] − τ ∇ KL(π‖μ))."""
     return win_probs - 0.5

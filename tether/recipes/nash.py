@@ -5,12 +5,12 @@
     for each step:
         sample G completions y_1..y_G of each of B prompts x from π_θ
         sample G opponents y'_1..y'_G from the opponent:                              (`opponent=`)
-            geometric: π_θ^{1−β} π_ref^{β}, token by token        (Munos et al. 2024, eq. 6 and §7; β = mixture_coef)
+            geometric: π_θ^{1−β} π_ref^{β}, token by token   (Munos et al. 2024, eq. 6, §7; β = mixture_coef)
             mixture:   one of the past policies π_0, π_k, π_2k, …, picked uniformly  (a fictitious-play opponent)
             self:      the other samples of the same prompt                          (self-play, online IPO / SPPO)
         r_i = P(y_i ≻ y'_i | x)  by the preference model (`tether pm`)      (self: mean over the group's others)
-        A_i = r_i − 1/2 − τ Σ_t log(π_θ(y_t|·) / π_ref(y_t|·))              (Nash-MD-PG, Munos et al. 2024, §7)
-        L = −agg_t[ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) ],  ρ_t = π_θ / π_old (= 1 on-policy: plain REINFORCE)
+        A_i = r_i − 1/2 − τ Σ_t log(π_θ(y_t|·) / π_ref(y_t|·))        (Nash-MD-PG, Munos et al. 2024, §7)
+        L = −agg_t[ min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) ],  ρ_t = π_θ / π_old (1 on-policy: REINFORCE)
 
 1/2 = P(π ≻ π) is the exact baseline of a symmetric game; τ is `kl_coef`. Other reward functions in
 `rewards` are scored and logged beside it (weight 0), or added to r with their weights. See docs/nash.md.

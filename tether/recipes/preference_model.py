@@ -1,6 +1,6 @@
 """Pairwise preference model on preference pairs (Munos et al. 2024, "Nash Learning from Human Feedback", §4).
 
-    P(a ≻ b | x) = σ(d(x, a, b)),   d(x, a, b) = g_φ(x, a, b) − g_φ(x, b, a)      (antisymmetric: P(a≻b)+P(b≻a)=1)
+    P(a ≻ b | x) = σ(d(x, a, b)),   d(x, a, b) = g_φ(x, a, b) − g_φ(x, b, a)    (so P(a≻b) + P(b≻a) = 1)
     L(φ) = −E [ log σ(d(x, y_w, y_l)) ]
 
 g_φ is a transformer with a scalar head reading `prompt + first + second`; unlike a Bradley-Terry reward
