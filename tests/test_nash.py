@@ -102,3 +102,68 @@ def test_self_play_rewards_average_one_half_exactly(tmp_path, preference_folder)
                                                    "output_dir": str(tmp_path / "m")}))
     rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["reward/preference_model/mean"] < 1 for r in rows)
+
+
+def test_mixture_pool_is_checkpointed_and_resume_equals_uninterrupted(tmp_path, preference_folder, monkeypatch):
+    """opponent=mixture: the pool of past policies (π_0 and a snapshot every step) is saved in the checkpoint,
+    so a run killed after step 2 and resumed to step 4 has bitwise the weights and metrics of a run never
+    interrupted. Without the pool in the checkpoint the resumed step 3 would play π_0 (the only policy left)
+    where the uninterrupted one plays π_1 (checked: the test then fails)."""
+    from tether.config import load_config
+    from tether.recipes import nash
+    from tether.runtime.checkpoint import STATE_FILE
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["ab:", "cd:", "ef:", "gh:"]))
+    keys = {"model": TINY, "data": str(prompts), "preference_model": str(preference_folder), "max_steps": 4,
+            "save_steps": 2, "batch_size": 2, "group_size": 3, "max_completion_length": 6, "max_prompt_length": 8,
+            "max_length": 32, "report_to": [], "progress": False, "learning_rate": 3e-2, "kl_coef": 0.1,
+            "opponent": "mixture", "snapshot_steps": 1, "temperature": 1.5, "seed": 3}  # seed 3: step 3 draws π_1
+    config = lambda name, **more: load_config(nash.NashConfig, None, {**keys, "output_dir": str(tmp_path / name),
+                                                                      **more})  # noqa: E731
+    straight = nash.train(config("straight"))
+
+    class Killed(Exception):
+        pass
+
+    original = nash.Run.end_step
+
+    def end_step_then_die(self, step, *args, **kwargs):
+        row = original(self, step, *args, **kwargs)
+        if step == 2:
+            raise Killed
+        return row
+
+    monkeypatch.setattr(nash.Run, "end_step", end_step_then_die)
+    with pytest.raises(Killed):
+        nash.train(config("resumed"))
+    monkeypatch.setattr(nash.Run, "end_step", original)
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "step-2" / STATE_FILE, weights_only=True)
+    assert len(state["extra"]["opponent"]["pool"]) == 3  # π_0, π_1, π_2
+    resumed = nash.train(config("resumed", resume=True))
+
+    a, _ = load(str(straight))
+    b, _ = load(str(resumed))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and "per_sec" not in k}
+             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "resumed")]
+    assert [r["reward/preference_model/mean"] for r in rows[0]] == [r["reward/preference_model/mean"] for r in rows[1]]
+
+
+def test_mixture_pool_keeps_pi_0_and_the_latest_snapshots():
+    """after_step appends a snapshot every snapshot_steps; past max_snapshots the oldest after π_0 goes."""
+    from tether.recipes.nash import NashConfig, Opponent
+
+    policy, tokenizer = load(TINY, seed=0)
+    name, weight = next(iter(policy.named_parameters()))
+    start = weight.detach().clone()
+    opponent = Opponent(NashConfig(model=TINY, opponent="mixture", snapshot_steps=2, max_snapshots=3), policy, None,
+                        tokenizer)
+    for step in range(1, 9):
+        with torch.no_grad():
+            weight.fill_(float(step))
+        opponent.after_step(policy, step)
+    assert len(opponent.pool) == 3
+    assert torch.equal(opponent.pool[0][name], start)  # π_0 stays
+    assert [float(p[name].flatten()[0]) for p in opponent.pool[1:]] == [6.0, 8.0]  # steps 2, 4 dropped
