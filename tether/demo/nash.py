@@ -189,6 +189,7 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
         **common(seed), "model": s.model, "data": data["sft"], "output_dir": str(out / "sft"),
         "max_steps": s.sft_steps, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10}))
 
+    stage_times = {"sft": time.time() - start}
     print(f"[2/4] reward model and preference model, same size, same {len(pairs)} gold-labelled pairs")
     pm_keys = {**common(seed), "model": str(sft_final), "data": data["pairs"], "max_steps": s.pm_steps,
                "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 5}
@@ -204,6 +205,7 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
         result = pairwise_results(rows, preference_model=pm_scorer, reward_model=rm_scorer)
         accuracy[split] = {k: {"accuracy": v["accuracy"], "ece": v["ece"]} for k, v in result.items()}
 
+    stage_times["rm_pm"] = time.time() - start - sum(stage_times.values())
     print(f"[3/4] GRPO against the reward model and Nash-MD against the preference model ({s.rl_steps} steps)")
     rm_policy = grpo.train(load_config(grpo.GRPOConfig, None, {
         **rl_keys(out, "grpo_rm", sft_final, data["prompts"], s, seed), "kl_penalty": "reward",
@@ -212,20 +214,24 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
         **rl_keys(out, "nash", sft_final, data["prompts"], s, seed), "learning_rate": s.nash_lr, "kl_coef": s.tau,
         "preference_model": str(pm_final),
         "opponent": "geometric", "mixture_coef": 0.125, "preference_batch_size": 128}))
+    stage_times["grpo_nash"] = time.time() - start - sum(stage_times.values())
 
     print("[4/4] judging every policy on fresh samples")
     judge = Judge(models.load_tokenizer(str(sft_final)), n=s.eval_samples, seed=seed)
     results = {"sft": judge(sft_final), "grpo_rm": judge(rm_policy), "nash": judge(nash_policy)}
     for name, r in results.items():
         r["vs"] = {other: head_to_head(r, o) for other, o in results.items() if other != name}
-    summary = summarise(out, results, accuracy, s, seed, size, time.time() - start)
+    stage_times["judge"] = time.time() - start - sum(stage_times.values())
+    summary = summarise(out, results, accuracy, s, seed, size, time.time() - start, stage_times)
     write_report(out, summary, results)
     return summary
 
 
-def summarise(out: Path, results: dict, accuracy: dict, s: Size, seed: int, size: str, wall: float) -> dict:
+def summarise(out: Path, results: dict, accuracy: dict, s: Size, seed: int, size: str, wall: float,
+              stage_times: dict) -> dict:
     strip = lambda r: {k: v for k, v in r.items() if k != "samples"}  # noqa: E731
     summary = {"demo": "nash", "seed": seed, "size": size, "wall_time_s": round(wall, 1),
+               "stage_time_s": {k: round(v, 1) for k, v in stage_times.items()},
                "pairwise_accuracy": accuracy, "eval_samples": s.eval_samples * len(PROMPTS),
                "results": {k: strip(v) for k, v in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
