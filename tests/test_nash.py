@@ -99,9 +99,12 @@ def test_self_play_rewards_average_one_half_exactly(tmp_path, preference_folder)
     rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward/preference_model/mean"] for r in rows] == pytest.approx([0.5, 0.5], abs=1e-6)
     nash.train(load_config(nash.NashConfig, None, {**keys, "opponent": "mixture", "snapshot_steps": 1,
-                                                   "output_dir": str(tmp_path / "m")}))
+                                                   "eval_data": str(prompts), "output_dir": str(tmp_path / "m")}))
     rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 < r["reward/preference_model/mean"] < 1 for r in rows)
+    # The held-out evaluation plays the same opponent (OnlineRun.generate; without its column the reward raises):
+    # P of the greedy answer against the opponent's greedy answer (exactly 1/2 where the two coincide).
+    assert 0 < json.loads((tmp_path / "m" / "eval.json").read_text())["eval/preference_model/mean"] < 1
 
 
 def test_mixture_pool_is_checkpointed_and_resume_equals_uninterrupted(tmp_path, preference_folder, monkeypatch):
