@@ -4,7 +4,9 @@ rock ≻ scissors ≻ paper ≻ rock.
 Each policy is judged on 192 fresh samples (24 per prompt); a style share's standard error is ≤ 0.036, so the
 bounds below sit several errors from the measured values in docs/nash.md. Measured at seeds 0/1/2: RM cycle
 accuracy 0.67/0.67/0.33, PM 1.0 at each; GRPO's top style 0.94/0.97/0.97 with worst case 0; Nash-MD's top style
-0.42/0.40/0.50 with worst case 0.35/0.40/0.36.
+0.42/0.40/0.50 with worst case 0.35/0.40/0.36. Re-measured after the port onto tether/online.py (whose
+sampling seeds are per chunk), seed 0: RM 0.67, PM 1.0 (held-out PM 1.0 vs RM 0.76), GRPO top style 0.95 with
+worst case 0, Nash-MD top style 0.34 with worst case 0.41; 71 s on 1 thread.
 """
 
 import json
