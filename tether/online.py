@@ -104,6 +104,9 @@ class OnlineRun:
     """async_rollouts with the built-in engine: the copy of the policy the sampler reads, synced at each push."""
     rollouts: RolloutQueue | None = None
     """Made by the first `experience` call: runs `sample` for every step, up to async_rollouts steps ahead."""
+    generate: Callable[..., Rollout] = generate_and_score
+    """`generate(sampler, reward_set, prompts, params, timer) -> Rollout`: samples and scores a chunk of
+    prompts, in training and evaluation (a recipe's own rollout, e.g. Nash-MD's, also samples opponents)."""
 
     @property
     def total_updates(self) -> int:
@@ -140,7 +143,8 @@ class OnlineRun:
         rollout, sampled, metrics = sample_rollout(
             self.sampler, self.reward_set, self.prompts, self.stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
-            chunk_size=config.generation_batch_size, dynamic_sampling=dynamic_sampling, max_tries=max_tries)
+            chunk_size=config.generation_batch_size, dynamic_sampling=dynamic_sampling, max_tries=max_tries,
+            generate=self.generate)
         return rollout, sampled, metrics, timer, group_size, temperature
 
     def experience(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> Experience:
@@ -209,7 +213,8 @@ class OnlineRun:
                    "staleness": float(exp.staleness)}
         if self.eval_prompts and config.eval_steps and step % config.eval_steps == 0:
             with self.rollouts.lock:  # not while the worker samples
-                metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config))
+                metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config,
+                                                self.generate))
         self.samples.write(step, exp.rollout, advantages)
         self.run.end_step(step, metrics, model=self.model, tokenizer=self.tokenizer,
                           tokens=int(exp.batch["attention_mask"].sum()),
@@ -228,7 +233,7 @@ class OnlineRun:
         """Held-out rewards (eval.json), then `final/`; returns its path."""
         if self.rollouts is not None:
             self.rollouts.close()
-        final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config)
+        final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config, self.generate)
         return self.run.finish(self.model, self.tokenizer)
 
 
@@ -236,7 +241,8 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     """Everything an online recipe trains with: the policy (on the run's device, wrapped for DDP), the frozen
     reference (None at β = 0), the sampler, the reward set (`config.rewards` unless given), the training and
     held-out prompts (rows checked by the reward set now), the prompt stream, the KL controller, the
-    optimizer and scheduler. Call `OnlineRun.start()` once the recipe's own modules exist."""
+    optimizer and scheduler. Call `OnlineRun.start()` once the recipe's own modules exist (and set
+    `OnlineRun.generate` for a rollout of its own)."""
     check_strategy(config)
     model, tokenizer = run.load_model()
     reward_set = RewardSet(config.rewards) if reward_set is None else reward_set
@@ -358,11 +364,12 @@ def check_strategy(config) -> None:
 
 
 @torch.no_grad()
-def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineConfig) -> dict[str, float]:
+def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineConfig,
+                     generate: Callable[..., Rollout] = generate_and_score) -> dict[str, float]:
     """Mean rewards of one completion per held-out prompt (greedy at eval_temperature 0)."""
     params = SamplingParams(temperature=config.eval_temperature, max_new_tokens=config.max_completion_length,
                             stop=config.stop, seed=config.seed, n=1)
-    rollout = generate_and_score(sampler, reward_set, prompts, params, Timer())
+    rollout = generate(sampler, reward_set, prompts, params, Timer())
     return {f"eval/{k.removeprefix('reward/')}": v for k, v in rollout.scores.metrics(prefix="reward/").items()
             if k.endswith("/mean")}
 
@@ -378,11 +385,12 @@ def build_sampler(config: OnlineConfig, model, tokenizer):
     return get_sampler(config.rollout_engine, unwrap(model), tokenizer, **options)
 
 
-def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: OnlineConfig) -> None:
+def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: OnlineConfig,
+                     generate: Callable[..., Rollout] = generate_and_score) -> None:
     """Held-out rewards after training, logged and written to eval.json."""
     if not prompts:
         return
-    result = evaluate_rewards(sampler, reward_set, prompts, config)
+    result = evaluate_rewards(sampler, reward_set, prompts, config, generate)
     log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if run.main:
         (run.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,6 +3,7 @@
     tether demo            # rlvr: cold-start SFT → pass@1/maj@k → GRPO (exact answer + format) → again
     tether demo rlhf       # reward model on gold-labelled pairs → PPO/GRPO vs. the learned reward, β sweep
     tether demo dpo        # DPO on the same preferences; gold reward of SFT, DPO, PPO, GRPO and best-of-N
+    tether demo nash       # non-transitive gold preference: reward model vs preference model, GRPO vs Nash-MD
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import importlib
 
 from tether.runtime.options import parse_args
 
-DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf"}
+DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf",
+         "nash": "tether.demo.nash"}
 
 
 def demo_main(argv: list[str]) -> int:
