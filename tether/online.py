@@ -135,7 +135,8 @@ class OnlineRun:
             batch["old_logprobs"] = old_logprobs(config, self.model, batch, micro_size, temperature)
         if self.reference is not None:
             with timer.section("reference"), autocast(run):
-                batch["ref_logprobs"] = self.reference.logprobs(batch, micro_size, temperature)
+                batch["ref_logprobs"] = self.reference.logprobs(batch, micro_size, temperature,
+                                                                packing=config.padding_free)
             metrics.update(kl_metrics(batch["old_logprobs"], batch["ref_logprobs"], batch["completion_mask"],
                                       config.kl_estimator))
         return Experience(step, rollout, sampled, batch, group_size, temperature, self.kl_controller.beta,
@@ -234,7 +235,7 @@ def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temp
     on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin"
     if config.old_logprobs == "sampler" or (config.old_logprobs == "auto" and on_policy):
         return batch["sampling_logprobs"]
-    return scoring_pass(logprob_fn(model, temperature), batch, micro_size)
+    return scoring_pass(logprob_fn(model, temperature, packing=config.padding_free), batch, micro_size)
 
 
 def minibatches(n: int, num_minibatches: int, seed: int) -> list[Tensor]:

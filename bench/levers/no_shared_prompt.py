@@ -7,10 +7,8 @@ from __future__ import annotations
 
 def apply() -> None:
     from tether.models import forward
-    from tether.recipes import dpo
 
-    def never(model, prompt_index):
+    def never(model, prompt_index, *, packing=True):
         return False
 
-    forward.shares_prompts = never
-    dpo.shares_prompts = never
+    forward.shares_prompts = never  # completion_forward and pair_logps (DPO) both ask here

@@ -28,13 +28,13 @@ from tether.config.rft import RFTConfig
 from tether.config.sft import sft_config
 from tether.data.loading import load_rows
 from tether.eval.generation import write_jsonl
-from tether.recipes import sft
 from tether.eval.sampling import (candidate_rewards, load_sampling_model, number, reward_specs, sample_and_score,
                                   select)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
 from tether.runtime.run import open_run_dir
 from tether.runtime.checkpoint import link_final
+from tether import supervised
 
 log = logging.getLogger("tether")
 
@@ -55,7 +55,7 @@ def train(config: RFTConfig) -> Path:
     """Run RFT as configured; returns the final model folder (`output_dir/final` → the last round's model).
 
     Under torchrun every rank samples and scores a share of the prompts, rank 0 writes the round's files, and
-    the round's SFT trains data-parallel (`sft.train`)."""
+    the round's SFT trains data-parallel (`supervised.train`)."""
     out = open_run_dir(config)
     rows = load_rows(config.data, config.data_split)
     eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
@@ -82,9 +82,9 @@ def train(config: RFTConfig) -> Path:
 
         if stats["kept"]:
             start = config.model if config.finetune_from == "base" else policy
-            policy = str(sft.train(sft_config(config, model=start, data=str(round_dir / "kept.jsonl"),
-                                              output_dir=str(round_dir / "sft"), seed=config.seed + k - 1,
-                                              eval_data="")))
+            round_config = sft_config(config, model=start, data=str(round_dir / "kept.jsonl"),
+                                      output_dir=str(round_dir / "sft"), seed=config.seed + k - 1, eval_data="")
+            policy = str(supervised.train(round_config))
         else:
             log.warning("rft round %d: no sample passed the filter; the policy is unchanged", k)
         stats["model"] = policy
