@@ -35,6 +35,7 @@ from tether.models.forward import logprob_fn, scoring_pass, take
 from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
+from tether.rollout.params import sampling_params as params_from_keys
 from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
 from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
 from tether.runtime import distributed
@@ -344,7 +345,6 @@ def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: On
 
 
 def sampling_params(config: OnlineConfig, group_size: int, temperature: float) -> SamplingParams:
-    return SamplingParams(temperature=temperature, top_p=config.top_p, top_k=config.top_k, min_p=config.min_p,
-                          max_new_tokens=config.max_completion_length, min_new_tokens=config.min_completion_length,
-                          n=group_size, stop=config.stop)
+    return params_from_keys(config, n=group_size, max_new_tokens=config.max_completion_length,
+                            min_new_tokens=config.min_completion_length, temperature=temperature)
 
