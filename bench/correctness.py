@@ -60,7 +60,7 @@ def logprob_check(name: str, out: Path) -> dict:
 
     from tether.data.batching import collate_sft
     from tether.data.sft import build_sft_examples
-    from tether.recipes.sft import model_token_logprobs  # what the SFT recipe calls (a lever may replace it)
+    from tether.supervised import model_token_logprobs  # what the SFT loop calls (a lever may replace it)
     from workloads import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(out / "models" / name)
@@ -82,7 +82,7 @@ def dpo_check(name: str, out: Path) -> dict:
 
     from tether.data.preference import build_preference_pairs
     from tether.losses import get_preference_loss
-    from tether.recipes.dpo import pair_logps
+    from tether.models.forward import pair_logps
     from workloads import read_jsonl
 
     model_dir = out / "models" / name

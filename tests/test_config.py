@@ -126,3 +126,36 @@ def test_config_errors_stop_the_cli_before_torch_is_imported(tmp_path, command, 
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "torch loaded: False transformers loaded: False" in result.stdout
     assert float(result.stdout.rsplit("seconds:", 1)[1]) < 2.0
+
+
+def test_sampling_keys_are_declared_once_and_build_the_same_params():
+    """grpo/ppo (flat keys), best-of-n/rft/distill (`sampling:`) and eval hold the sampling keys through the one
+    SamplingKeys mixin; `sampling_params` builds the engine's SamplingParams from any of them. `sampling.engine`,
+    the old name of `sampling.rollout_engine`, still loads."""
+    from dataclasses import fields
+
+    from tether.config.best_of_n import BestOfNConfig
+    from tether.config.grpo import GRPOConfig
+    from tether.config.ppo import PPOConfig
+    from tether.eval.generation import EvalConfig
+    from tether.rollout.params import SamplingConfig, SamplingKeys, SamplingParams, sampling_params
+
+    keys = [f.name for f in fields(SamplingKeys)]
+    assert keys == ["temperature", "top_p", "top_k", "min_p", "stop", "rollout_engine"]
+    for cls in (GRPOConfig, PPOConfig, SamplingConfig, EvalConfig):
+        assert issubclass(cls, SamplingKeys) and set(keys) <= {f.name for f in fields(cls)}
+    overrides = ["temperature=0.7", "top_p=0.9", "top_k=5", "min_p=0.1", "stop=[END]"]
+    grpo = load_config(GRPOConfig, None, ["data=x.jsonl", "rewards=[{name: length}]", *overrides])
+    best = load_config(BestOfNConfig, None, ["rewards=[{name: length}]", "sampling.n=3", "sampling.max_new_tokens=9",
+                                             *("sampling." + o for o in overrides)])
+    expected = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, stop=["END"], n=3, max_new_tokens=9,
+                              seed=4)
+    assert sampling_params(grpo, n=3, max_new_tokens=9, seed=4) == expected
+    assert best.sampling.params(seed=4) == expected
+    assert sampling_params(grpo, n=3, max_new_tokens=9, seed=4, temperature=0.0).temperature == 0.0
+    old = load_config(BestOfNConfig, None, ["rewards=[{name: length}]", "sampling.engine=vllm"])
+    assert old.sampling.rollout_engine == "vllm" and old.sampling.engine is None
+    assert load_config(EvalConfig, None, ["data=x.jsonl", "engine=vllm"]).rollout_engine == "vllm"
+    with pytest.raises(ConfigError, match="'sampling.engine': engine is the old name of rollout_engine"):
+        load_config(BestOfNConfig, None, ["rewards=[{name: length}]", "sampling.engine=builtin",
+                                          "sampling.rollout_engine=vllm"])

@@ -6,7 +6,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from tether import models
+from tether import models, supervised
 from tether.config import load_config
 from tether.data.batching import grouped_micro_batches, length_groups
 from tether.recipes import sft
@@ -43,8 +43,8 @@ def test_sft_with_length_groups_equals_without(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setattr(models, "forward_call_cost", lambda model, device: 0.0)
     batch_rows = []
-    collate = sft.collate_sft
-    monkeypatch.setattr(sft, "collate_sft", lambda examples, pad: batch_rows.append(len(examples)) or
+    collate = supervised.collate_sft  # the SFT loop the recipe runs
+    monkeypatch.setattr(supervised, "collate_sft", lambda examples, pad: batch_rows.append(len(examples)) or
                         collate(examples, pad))
     finals = {}
     for grouping in (True, False):

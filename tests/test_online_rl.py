@@ -140,7 +140,8 @@ def test_sampling_logprobs_equal_recomputed_old_logprobs(tiny, temperature, top_
 def test_old_logprobs_forward_is_skipped_only_on_policy(tmp_path, tiny):
     """ppo_epochs=1 with one minibatch: π_old are the sampler's log-probs, no forward runs. Two epochs (or
     old_logprobs=recompute): one no-grad scoring pass, whose values match the sampler's (two model calls: the
-    shared prompt once, then the completions, tether.models.shared_prompt)."""
+    shared prompt once, then the completions, tether.models.shared_prompt). padding_free=false states which
+    forward that is, the cached one: the packed forward would be one call."""
     model, tokenizer = tiny
     data = write_rows(tmp_path / "p.jsonl", [{"prompt": "x"}])
     samples = get_sampler("builtin", model, tokenizer).generate([tokenizer("x")["input_ids"]],
@@ -152,7 +153,8 @@ def test_old_logprobs_forward_is_skipped_only_on_policy(tmp_path, tiny):
         on_policy = old_logprobs(rl_config(grpo.GRPOConfig, tmp_path, data), model, batch, 8, 1.0)
         assert on_policy is batch["sampling_logprobs"] and not forwards
         for options in (["ppo_epochs=2"], ["old_logprobs=recompute"], ["num_minibatches=2"]):
-            recomputed = old_logprobs(rl_config(grpo.GRPOConfig, tmp_path, data, *options), model, batch, 8, 1.0)
+            config = rl_config(grpo.GRPOConfig, tmp_path, data, "padding_free=false", *options)
+            recomputed = old_logprobs(config, model, batch, 8, 1.0)
             torch.testing.assert_close(recomputed * batch["completion_mask"], on_policy, atol=1e-5, rtol=0)
         assert len(forwards) == 3 * 2
     finally:

@@ -19,10 +19,9 @@ from test_shared_prompt import make_model  # a small Llama; vocab >= 4096 takes 
 
 
 def outputs_and_grads(model, fn, on: bool):
-    """(outputs of fn(model), gradients of a weighted sum of its first output) with packing on or off."""
+    """(outputs of fn(model, packing), gradients of a weighted sum of its first output) with packing on or off."""
     model.zero_grad()
-    with packed.enabled(on):
-        outputs = fn(model)
+    outputs = fn(model, on)
     weights = torch.linspace(-1, 1, outputs[0].numel()).view(outputs[0].shape)
     (outputs[0] * weights).sum().backward()
     return [o.detach() for o in outputs if o is not None], {n: p.grad.clone() for n, p in model.named_parameters()
@@ -103,8 +102,8 @@ def test_token_logprobs_equal_padded(side, vocab):
     ids, mask = padded_batch(side, vocab)
     target_mask = torch.ones(4, ids.shape[1] - 1, dtype=torch.long)
     target_mask[:, :2] = 0  # a loss mask on top: those targets are 0 too
-    assert_same(model, lambda m: model_token_logprobs(m, ids, mask, temperature=0.7, return_entropy=True,
-                                                      target_mask=target_mask))
+    assert_same(model, lambda m, packing: model_token_logprobs(m, ids, mask, temperature=0.7, return_entropy=True,
+                                                               target_mask=target_mask, packing=packing))
     logprobs, _ = model_token_logprobs(model, ids, mask)
     assert (logprobs[mask[:, 1:] == 0] == 0).all()
 
@@ -120,14 +119,14 @@ def test_fixed_length_groups_equal_padded(vocab):
     layout = _packed_layout(batch)[2]
     assert layout.plain.shape == (3, 5) and layout.own.shape == (9, 5) and layout.prefix.shape == (9, 5)
 
-    def forward(m):
-        if packed.unsupported_reason(m) is None:
-            return completion_logprobs(m, batch, temperature=0.7, entropy=True)
+    def forward(m, packing):
+        if packed.unsupported_reason(m, packing) is None:
+            return completion_logprobs(m, batch, temperature=0.7, entropy=True, packing=packing)
         P = batch["prompt_length"]  # the padded plain forward over every row's own copy of its prompt
         target_mask = torch.zeros_like(batch["attention_mask"][:, 1:])
         target_mask[:, P - 1:] = batch["completion_mask"]
         logprobs, entropy = model_token_logprobs(m, batch["input_ids"], batch["attention_mask"], temperature=0.7,
-                                                 return_entropy=True, target_mask=target_mask)
+                                                 return_entropy=True, target_mask=target_mask, packing=packing)
         return logprobs[:, P - 1:], entropy[:, P - 1:]
 
     assert_same(model, forward)
@@ -153,20 +152,19 @@ def test_lora_model_packs_too():
     model = get_peft_model(make_model(103), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert packed.unsupported_reason(model) is None
     ids, mask = padded_batch("left")
-    assert_same(model, lambda m: model_token_logprobs(m, ids, mask))
+    assert_same(model, lambda m, packing: model_token_logprobs(m, ids, mask, packing=packing))
 
 
 def test_where_it_does_not_apply():
     model = make_model(103)
     assert packed.unsupported_reason(model) is None
-    with packed.enabled(False):
-        assert packed.unsupported_reason(model) == "padding_free is off"
+    assert packed.unsupported_reason(model, packing=False) == "padding_free is off"
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     assert "model type 'gpt2'" in packed.unsupported_reason(gpt2)
     model.gradient_checkpointing_enable()  # the backward would re-run attention outside the packed call
     assert packed.unsupported_reason(model) == "gradient checkpointing"
     ids, mask = padded_batch("right")
-    assert_same(model, lambda m: model_token_logprobs(m, ids, mask))  # the padded forward runs: same results
+    assert_same(model, lambda m, packing: model_token_logprobs(m, ids, mask, packing=packing))  # the padded forward runs: same results
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -190,10 +188,7 @@ def test_runs_with_and_without_padding_equal(name, tmp_path):
                  "batch_size": 6, "learning_rate": 1e-2}
     if name == "dpo":
         overrides.update(precompute_ref=False, learning_rate=1e-3)
-    try:
-        on, off = (final_weights(recipe, config_cls, overrides, tmp_path, flag) for flag in (True, False))
-    finally:
-        packed.set_enabled(True)
+    on, off = (final_weights(recipe, config_cls, overrides, tmp_path, flag) for flag in (True, False))
     for key, value in off.items():
         torch.testing.assert_close(on[key], value, atol=1e-5, rtol=1e-4)
     assert any(not torch.equal(on[key], value) for key, value in off.items())  # two paths, not one run twice

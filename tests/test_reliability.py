@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.config import load_config
+from tether import supervised
 from tether.recipes import sft
 from tether.runtime import checkpoint as ckpt
 from tether.runtime.optim import NonFiniteLossError, StepGuard
@@ -58,14 +59,14 @@ def test_step_guard_skips_non_finite_and_stops_after_k():
 
 def test_nan_loss_in_a_run_is_skipped_then_stops_keeping_last_good_checkpoint(tmp_path, monkeypatch):
     data = write_task(tmp_path)
-    real_loss, calls = sft.sft_loss, {"n": 0}
+    real_loss, calls = supervised.sft_loss, {"n": 0}  # the SFT loop the recipe runs
 
     def poisoned(*args, **kwargs):  # finite for the first 4 steps, NaN from then on
         calls["n"] += 1
         loss, metrics = real_loss(*args, **kwargs)
         return (loss * float("nan"), metrics) if calls["n"] > 4 else (loss, metrics)
 
-    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    monkeypatch.setattr(supervised, "sft_loss", poisoned)
     config = load_config(sft.SFTConfig, None, sft_args(data, tmp_path / "nan", max_steps=20, keep_last=10))
     with pytest.raises(NonFiniteLossError, match="The last good checkpoint is kept"):
         sft.train(config)

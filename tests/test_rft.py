@@ -6,7 +6,8 @@ import pytest
 
 from tether.config import ConfigError, load_config
 from tether.data.loading import load_rows
-from tether.recipes import rft, sft
+from tether import supervised
+from tether.recipes import rft
 
 SMALL = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=1"
 REWARD = """
@@ -34,13 +35,13 @@ def test_rft_keeps_exactly_the_filtered_samples_and_trains_on_them(tmp_path, mon
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{w}:", "id": i}) + "\n" for i, w in enumerate(["ab", "cd", "ef"])))
     sft_runs = []  # (model, rows of the data each SFT call trained on)
-    original = sft.train
+    original = supervised.train
 
     def recording_train(config):
         sft_runs.append((config.model, load_rows(config.data)))
         return original(config)
 
-    monkeypatch.setattr(sft, "train", recording_train)
+    monkeypatch.setattr(supervised, "train", recording_train)
     config = load_config(rft.RFTConfig, None, {
         "model": SMALL, "data": str(data), "output_dir": str(tmp_path / "rft"), "rounds": 2,
         "sampling": {"n": 5, "max_new_tokens": 10}, "rewards": [{"name": f"{tmp_path}/reward.py:letters"}],

@@ -8,11 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tether.recipes.dpo as dpo
 import tether.models.forward as online
 from tether.data.preference import PreferencePair
 from tether.data.batching import collate_prompt_completion
-from tether.models import packed
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.models.tiny import tiny_model, tiny_tokenizer
 from tether.rollout import RolloutBatch
@@ -51,17 +49,16 @@ def rollout_tensors(vocab: int, group_size: int = 3) -> dict:
 
 
 def run_both(model, forward, weights, recipe=online, padding_free=True):
-    """{shared: (outputs, gradients)} of `forward(model)` with prompt sharing on (packed with `padding_free`, else
-    cached) and off (the padded plain forward) in `recipe`."""
+    """{shared: (outputs, gradients)} of `forward(model, packing)` with prompt sharing on (packed with
+    `padding_free`, else cached) and off (the padded plain forward, packing off) in `recipe`."""
     results = {}
     for shared in (True, False):
         model.zero_grad()
         original = recipe.shares_prompts
         if not shared:
-            recipe.shares_prompts = lambda *args: False
+            recipe.shares_prompts = lambda *args, **kwargs: False
         try:
-            with packed.enabled(padding_free and shared):
-                outputs = forward(model)
+            outputs = forward(model, padding_free and shared)
         finally:
             recipe.shares_prompts = original
         (outputs[0] * weights).sum().backward()
@@ -81,9 +78,9 @@ def test_grpo_forward_equals_plain_forward(vocab, entropy_grad, padding_free):
     assert shares_prompts(model, batch["prompt_index"])
     weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(1))
 
-    def forward(m):
+    def forward(m, packing):
         logprobs, entropy, _ = online.completion_forward(m, batch, temperature=0.7, entropy=True,
-                                                         entropy_grad=entropy_grad)
+                                                         entropy_grad=entropy_grad, packing=packing)
         return logprobs + (entropy if entropy_grad else 0), entropy
 
     results = run_both(model, forward, weights, padding_free=padding_free)
@@ -108,8 +105,8 @@ def test_dpo_pair_logps_equal_plain_forward(tok, padding_free):
                              generator=generator).tolist()
 
     pairs = [PreferencePair(ids(2, 9), ids(1, 12), ids(1, 12)) for _ in range(5)]
-    results = run_both(model, lambda m: dpo.pair_logps(m, pairs, tok.pad_token_id, "cpu"), torch.linspace(-1, 1, 10),
-                       recipe=dpo, padding_free=padding_free)
+    results = run_both(model, lambda m, packing: online.pair_logps(m, pairs, tok.pad_token_id, "cpu", packing=packing),
+                       torch.linspace(-1, 1, 10), padding_free=padding_free)
     ((a, a_lengths), a_grads), ((b, b_lengths), b_grads) = results[True], results[False]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     assert a_lengths.tolist() == b_lengths.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids)
@@ -124,8 +121,7 @@ def test_one_token_completions_need_no_completion_pass(padding_free):
     """Every completion one token long: all of them are predicted from the prompt's last position."""
     model = make_model(103)
     batch = collate_prompt_completion([[5, 6, 7], [8]], [[9], [10], [11], [12]], [0, 0, 1, 1], pad_id=0)
-    with packed.enabled(padding_free):
-        logprobs, _ = completion_logprobs(model, batch)
+    logprobs, _ = completion_logprobs(model, batch, packing=padding_free)
     with torch.no_grad():
         for row, (prompt, token) in enumerate([([5, 6, 7], 9), ([5, 6, 7], 10), ([8], 11), ([8], 12)]):
             expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], -1)[token]
@@ -151,7 +147,6 @@ def test_sharing_is_off_when_it_cannot_apply():
     model = make_model(103)
     assert not shares_prompts(model, torch.tensor([0, 1, 2]))  # every prompt once: nothing to share
     assert shares_prompts(model, torch.tensor([0, 1, 1]))
-    with packed.enabled(False):  # the cached way applies
-        assert shares_prompts(model, torch.tensor([0, 1, 1]))
+    assert shares_prompts(model, torch.tensor([0, 1, 1]), packing=False)  # the cached way applies
     model.gradient_checkpointing_enable()  # turns the KV cache off in training, and packing with it
     assert not shares_prompts(model, torch.tensor([0, 1, 1]))

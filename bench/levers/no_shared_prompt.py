@@ -19,7 +19,7 @@ def apply() -> None:
         importlib.import_module(name)
     original = shared_prompt.shares_prompts
 
-    def never(model, prompt_index):
+    def never(model, prompt_index, *, packing=True):
         return False
 
     patched = 0

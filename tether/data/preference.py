@@ -412,3 +412,12 @@ def collate_unpaired(examples: list[UnpairedExample], pad_id: int,
         "loss_mask": pad(masks, 0)[:, 1:],
         "labels": torch.tensor([e.label for e in examples], dtype=torch.bool),
     }
+
+
+def kto_partners(n: int, seed: int) -> list[int]:
+    """A fixed mismatched completion for each example (a seeded cycle): KTO's KL pairs (x_i, y_partner(i))."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    partners = [0] * n
+    for k, i in enumerate(order):
+        partners[i] = order[(k + 1) % n]
+    return partners

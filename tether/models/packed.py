@@ -34,24 +34,6 @@ ATTENTION = "tether_packed"
 # Model families whose attention is plain causal self-attention over rotary positions, computed by the
 # attention function the config names: the packed forward reproduces their padded forward exactly.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_enabled = True  # config key padding_free (set by Run for the whole process)
-
-
-def set_enabled(on: bool) -> None:
-    """Turn the packed forward on or off for every model in this process (config key `padding_free`)."""
-    global _enabled
-    _enabled = bool(on)
-
-
-@contextlib.contextmanager
-def enabled(on: bool):
-    """`set_enabled(on)` for the duration of a `with` block."""
-    saved = _enabled
-    set_enabled(on)
-    try:
-        yield
-    finally:
-        set_enabled(saved)
 
 
 @dataclass
@@ -157,9 +139,10 @@ def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
 AttentionInterface.register(ATTENTION, packed_attention)
 
 
-def unsupported_reason(model) -> str | None:
-    """Why the packed forward cannot stand in for `model`'s padded forward (None: it can)."""
-    if not _enabled:
+def unsupported_reason(model, packing: bool = True) -> str | None:
+    """Why the packed forward cannot stand in for `model`'s padded forward (None: it can). `packing` is the
+    caller's choice (config key `padding_free`), passed down explicitly: False always gives a reason."""
+    if not packing:
         return "padding_free is off"
     inner = unwrap(model)
     if hasattr(inner, "get_base_model"):  # PEFT: the adapters sit in the linear layers, attention is the base's

@@ -67,7 +67,8 @@ class Reference:
         with self.active() as model:
             return fn(model, *args, **kwargs)[0]
 
-    def logprobs(self, batch: dict, micro_size: int, temperature: float) -> torch.Tensor:
-        """log π_ref of every completion token of a rollout batch, (N, C), `micro_size` rows per forward."""
+    def logprobs(self, batch: dict, micro_size: int, temperature: float, *, packing: bool = True) -> torch.Tensor:
+        """log π_ref of every completion token of a rollout batch, (N, C), `micro_size` rows per forward
+        (`packing`: config key `padding_free`)."""
         with self.active() as model:
-            return scoring_pass(logprob_fn(model, temperature), batch, micro_size)
+            return scoring_pass(logprob_fn(model, temperature, packing=packing), batch, micro_size)

@@ -41,13 +41,13 @@ from tether.ops import (entropy_from_logits, head_reproduces, linear_token_logpr
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep for a pass whose hidden states are all it needs
 
 
-def shares_prompts(model, prompt_index: Tensor) -> bool:
+def shares_prompts(model, prompt_index: Tensor, *, packing: bool = True) -> bool:
     """Whether sharing applies: some prompt occurs in more than one row, and either the packed forward applies
-    or the model's forward can take a cache with gradients (not under gradient
+    (`packing`, config key `padding_free`, and a supported model) or the model's forward can take a cache with gradients (not under gradient
     checkpointing, which turns the cache off, nor under FSDP)."""
     if len(prompt_index) <= 1 or int(torch.unique(prompt_index).numel()) == len(prompt_index):
         return False
-    if packed.unsupported_reason(model) is None:
+    if packed.unsupported_reason(model, packing) is None:
         return True
     inner = unwrap(model)
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.x; older: the other
@@ -95,18 +95,18 @@ def completion_states(model, batch: dict, *, hidden: bool = False) -> tuple[Tens
 
 
 def completion_logprobs(model, batch: dict, *, temperature: float = 1.0, entropy: bool = False,
-                        entropy_grad: bool = False) -> tuple[Tensor, Tensor | None] | None:
+                        entropy_grad: bool = False, packing: bool = True) -> tuple[Tensor, Tensor | None] | None:
     """Log-probs (n, C) of the completion tokens at `temperature` (0 on padding) and, with `entropy`, the
     entropy of each position's distribution (n, C) (with a gradient only under `entropy_grad`): what a plain
     forward gives, each distinct prompt computed once. With a plain LM head the head runs chunk by chunk at the
-    completion positions only (`ops.linear_token_logprobs`). Where `models.packed` applies the forward is the
-    packed one, else the cached one. None when the head fails its check or there is no completion token at
+    completion positions only (`ops.linear_token_logprobs`). Where `models.packed` applies (`packing` and a
+    supported model) the forward is the packed one, else the cached one. None when the head fails its check or there is no completion token at
     all: run the plain forward then."""
     P, completion_mask = batch["prompt_length"], batch["completion_mask"]
     C = completion_mask.shape[1]
     if C == 0 or not bool(completion_mask.any()):
         return None  # nothing to score: the plain forward keeps the (empty) loss in the graph
-    if packed.unsupported_reason(model) is None:
+    if packed.unsupported_reason(model, packing) is None:
         return packed_completion_logprobs(model, batch, temperature=temperature, entropy=entropy,
                                           entropy_grad=entropy_grad)
     head = None if entropy_grad else plain_lm_head(model)

@@ -44,7 +44,7 @@ def run(config: BestOfNConfig) -> Path:
 
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
                                seed=config.seed, chat_template=config.chat_template,
-                               engine=config.rollout_engine, source=config.data)
+                               engine=config.sampling.rollout_engine, source=config.data)
     if distributed.is_main():
         write_best(config, out, samples)
     distributed.barrier()

@@ -35,10 +35,10 @@ from tether.data.loading import load_rows
 from tether.eval.generation import sample_share, write_jsonl
 from tether.losses import distill_loss, sft_loss
 from tether.ops import token_logprobs
-from tether.recipes import sft
 from tether.runtime import distributed
 from tether.runtime.checkpoint import link_final
 from tether.runtime.run import Run, autocast
+from tether import supervised
 
 log = logging.getLogger("tether")
 
@@ -57,7 +57,7 @@ def train(config: DistillConfig) -> Path:
     traces = config.traces or write_traces(config, out / "traces.jsonl")
     student = dataclasses.replace(config, data=str(traces), traces="", output_dir=str(out / "student"))
     if config.kd_coef == 0:
-        final = sft.train(sft_config(student))
+        final = supervised.train(sft_config(student))
     else:
         final = train_with_kd(student)
     return link_final(out, final)
@@ -74,7 +74,7 @@ def write_traces(config: DistillConfig, path: Path) -> Path:
     teacher, tokenizer = load_sampling_model(config.teacher, config.device, config.dtype, config.seed)
     share, batch = sample_share(teacher, tokenizer, rows, config.sampling.params(config.seed),
                                 batch_size=config.sampling.batch_size, chat_template=config.chat_template,
-                                engine=config.rollout_engine, source=config.data)
+                                engine=config.sampling.rollout_engine, source=config.data)
     del teacher
     traces = distributed.gather_lists([
         {**rows[share.start + p], "completion": text, "finish_reason": reason}
@@ -104,11 +104,11 @@ def train_with_kd(config: DistillConfig) -> Path:
     teacher.eval().requires_grad_(False)
     vocab = len(tokenizer)  # models may pad their logits past the tokenizer's vocabulary; compare the real tokens
 
-    examples, stats = sft.load_examples(config, tokenizer, config.data)
+    examples, stats = supervised.load_examples(config, tokenizer, config.data)
     log.info(stats.summary(config.data))
     eval_examples = []
     if config.eval_data:
-        eval_examples, _ = sft.load_examples(config, tokenizer, config.eval_data, config.data_split)
+        eval_examples, _ = supervised.load_examples(config, tokenizer, config.eval_data, config.data_split)
     model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(examples))
 
     for step in steps:
@@ -138,12 +138,14 @@ def train_with_kd(config: DistillConfig) -> Path:
         metrics = {"loss": totals[0], "nll": totals[1], "kd_loss": totals[2], "grad_norm": grad_norm,
                    "num_tokens": num_tokens}
         if eval_examples and config.eval_steps and (step + 1) % config.eval_steps == 0:
-            metrics["eval_loss"] = sft.evaluate_loss(model, eval_examples, tokenizer, micro_size, run.device)
+            metrics["eval_loss"] = supervised.evaluate_loss(model, eval_examples, tokenizer, micro_size, run.device,
+                                                  packing=config.padding_free)
         tokens = sum(len(examples[i].input_ids) for i in global_batch)
         run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=tokens)
 
     if eval_examples:
-        eval_loss = sft.evaluate_loss(model, eval_examples, tokenizer, micro_size, run.device)
+        eval_loss = supervised.evaluate_loss(model, eval_examples, tokenizer, micro_size, run.device,
+                                                  packing=config.padding_free)
         log.info("eval loss (NLL) after training: %.4f", eval_loss)
         if run.main:
             (run.dir / "eval.json").write_text(f'{{"eval_loss": {eval_loss}}}\n')

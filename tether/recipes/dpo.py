@@ -27,65 +27,18 @@ import torch
 
 from tether import models
 from tether.config.dpo import REFERENCE_FREE, DPOConfig
-from tether.data.batching import collate_prompt_completion, split_micro_batches
+from tether.data.batching import split_micro_batches
 from tether.data.loading import load_rows
 from tether.data.splits import split_held_out
-from tether.data.preference import build_preference_pairs, build_unpaired_examples, collate_pairs, collate_unpaired
+from tether.data.preference import build_preference_pairs, build_unpaired_examples, kto_partners
 from tether.losses import accepted_kwargs, get_preference_loss, kto_loss
+from tether.models.forward import pair_logps, unpaired_logps
 from tether.models.reference import Reference, freeze
-from tether.models.shared_prompt import completion_logprobs, shares_prompts
-from tether.models.forward import model_token_logprobs
-from tether.ops import masked_sum
 from tether.runtime import distributed
 from tether.runtime.metrics import MetricMeans
 from tether.runtime.run import Run, autocast
 
 log = logging.getLogger("tether")
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed completion log-probs (N,), completion lengths (N,)) of a collated batch."""
-    mask = batch["loss_mask"]  # (N, T-1)
-    logprobs, _ = model_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                       target_mask=mask)  # (N, T-1), prompt positions not scored
-    return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)
-
-
-def pair_logps(model, pairs, pad_id: int, device):
-    """Chosen and rejected: (logps (2B,), lengths (2B,)), chosen rows first. Each prompt is encoded once for
-    both of its responses (`tether.models.shared_prompt`); where the model cannot share one (gradient
-    checkpointing, FSDP), chosen and rejected go through ONE (2B, T) forward."""
-    prompt_index = list(range(len(pairs))) * 2  # chosen rows, then rejected rows
-    if shares_prompts(model, torch.tensor(prompt_index)):
-        shared = collate_prompt_completion([p.prompt_ids for p in pairs],
-                                           [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
-                                           prompt_index, pad_id)
-        shared = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in shared.items()}
-        result = completion_logprobs(model, shared)
-        if result is not None:
-            mask = shared["completion_mask"]  # (2B, C)
-            return masked_sum(result[0], mask, dim=-1), mask.sum(-1)
-    batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()}
-    return sequence_logps(model, batch)
-
-
-def unpaired_logps(model, examples, pad_id: int, device, completions=None):
-    """(logps (B,), lengths (B,), labels (B,)); `completions` swaps in other completions (KTO's KL pairs)."""
-    batch = {k: v.to(device) for k, v in collate_unpaired(examples, pad_id, completions).items()}
-    logps, lengths = sequence_logps(model, batch)
-    return logps, lengths, batch["labels"]
-
-
-def kto_partners(n: int, seed: int) -> list[int]:
-    """A fixed mismatched completion for each example (a seeded cycle): KTO's KL pairs (x_i, y_partner(i))."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
-    partners = [0] * n
-    for k, i in enumerate(order):
-        partners[i] = order[(k + 1) % n]
-    return partners
 
 
 def build_reference(config: DPOConfig, policy, device) -> Reference | None:
@@ -100,7 +53,7 @@ def build_reference(config: DPOConfig, policy, device) -> Reference | None:
 
 
 def precompute_reference(reference: Reference, examples, partners, pad_id: int, batch_size: int,
-                         device) -> torch.Tensor:
+                         device, *, packing: bool = True) -> torch.Tensor:
     """Reference log-probs of every example, (n, 2): [chosen, rejected] for pairs, [completion, KL pair]
     for KTO. Each rank computes every world_size-th batch; a sum over ranks assembles the table."""
     table = torch.zeros(len(examples), 2, device=device)
@@ -109,11 +62,12 @@ def precompute_reference(reference: Reference, examples, partners, pad_id: int, 
         index = list(range(start, min(start + batch_size, len(examples))))
         chunk = [examples[i] for i in index]
         if partners is None:
-            logps = reference.logps(pair_logps, chunk, pad_id, device).view(2, -1).T  # (b, 2)
+            logps = reference.logps(pair_logps, chunk, pad_id, device, packing=packing).view(2, -1).T  # (b, 2)
         else:
             kl_completions = [examples[partners[i]].completion_ids for i in index]
-            logps = torch.stack([reference.logps(unpaired_logps, chunk, pad_id, device),
-                                 reference.logps(unpaired_logps, chunk, pad_id, device, kl_completions)], -1)
+            logps = torch.stack([reference.logps(unpaired_logps, chunk, pad_id, device, packing=packing),
+                                 reference.logps(unpaired_logps, chunk, pad_id, device, kl_completions,
+                                                 packing=packing)], -1)
         table[index] = logps.float()
     return distributed.all_reduce_sum(table)
 
@@ -130,17 +84,20 @@ def batch_loss(config: DPOConfig, model, reference, examples, index, cache, part
                  orpo_lambda=config.orpo_lambda)
     if chosen_tokens_per_pair is not None:
         knobs["nll_tokens"] = chosen_tokens_per_pair * len(chunk)
+    packing = config.padding_free
     if config.loss == "kto":
-        logps, _, labels = unpaired_logps(model, chunk, pad_id, device)
-        ref = cache[index, 0] if cache is not None else reference.logps(unpaired_logps, chunk, pad_id, device)
+        logps, _, labels = unpaired_logps(model, chunk, pad_id, device, packing=packing)
+        ref = cache[index, 0] if cache is not None else reference.logps(unpaired_logps, chunk, pad_id, device,
+                                                                        packing=packing)
         return kto_loss(logps, ref, labels, beta=config.beta, kl_ref_point=kl_ref_point,
                         desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
-    logps, lengths = pair_logps(model, chunk, pad_id, device)  # (2b,)
+    logps, lengths = pair_logps(model, chunk, pad_id, device, packing=packing)  # (2b,)
     b = len(chunk)
     if reference is None and cache is None:
         ref_chosen = ref_rejected = None
     else:
-        ref = cache[index].T.reshape(-1) if cache is not None else reference.logps(pair_logps, chunk, pad_id, device)
+        ref = (cache[index].T.reshape(-1) if cache is not None
+               else reference.logps(pair_logps, chunk, pad_id, device, packing=packing))
         ref_chosen, ref_rejected = ref[:b], ref[b:]
     loss_fn = get_preference_loss(config.loss)  # each loss gets the knobs it declares
     return loss_fn(logps[:b], logps[b:], ref_chosen, ref_rejected, chosen_lengths=lengths[:b],
@@ -148,21 +105,24 @@ def batch_loss(config: DPOConfig, model, reference, examples, index, cache, part
 
 
 @torch.no_grad()
-def kto_kl_terms(model, reference, examples, index, cache, partners, pad_id, device) -> torch.Tensor:
+def kto_kl_terms(model, reference, examples, index, cache, partners, pad_id, device, *,
+                 packing: bool = True) -> torch.Tensor:
     """log π(y'|x) − log π_ref(y'|x) (b,) on the mismatched pairs (x_i, y_partner(i)) of examples[index]."""
     chunk = [examples[i] for i in index]
     completions = [examples[partners[i]].completion_ids for i in index]
-    logps = unpaired_logps(model, chunk, pad_id, device, completions)[0]
+    logps = unpaired_logps(model, chunk, pad_id, device, completions, packing=packing)[0]
     ref = cache[index, 1] if cache is not None else reference.logps(unpaired_logps, chunk, pad_id, device,
-                                                                    completions)
+                                                                    completions, packing=packing)
     return logps - ref
 
 
-def kto_kl_estimate(model, reference, examples, indices, cache, partners, pad_id, micro_size, device):
+def kto_kl_estimate(model, reference, examples, indices, cache, partners, pad_id, micro_size, device, *,
+                    packing: bool = True):
     """KTO's reference point z: the mean of `kto_kl_terms` over the global batch (all ranks)."""
     total = torch.zeros((), device=device)
     for micro in split_micro_batches(distributed.shard(indices), micro_size):
-        total += kto_kl_terms(model, reference, examples, micro, cache, partners, pad_id, device).sum()
+        total += kto_kl_terms(model, reference, examples, micro, cache, partners, pad_id, device,
+                              packing=packing).sum()
     return distributed.all_reduce_sum(total) / len(indices)
 
 
@@ -215,10 +175,11 @@ def train(config: DPOConfig) -> Path:
     cache = eval_cache = None
     if reference is not None and config.precompute_ref:
         with autocast(run):
-            cache = precompute_reference(reference, examples, partners, pad_id, micro_size, run.device)
+            cache = precompute_reference(reference, examples, partners, pad_id, micro_size, run.device,
+                                         packing=config.padding_free)
             if eval_examples:
                 eval_cache = precompute_reference(reference, eval_examples, eval_partners, pad_id, micro_size,
-                                                  run.device)
+                                                  run.device, packing=config.padding_free)
         reference = None  # every reference log-prob is cached: the reference model is not needed any more
         log.info("precomputed reference log-probs for %d + %d examples", len(examples), len(eval_examples))
 
@@ -236,7 +197,7 @@ def train(config: DPOConfig) -> Path:
         if kto:
             with autocast(run):
                 kl_ref_point = kto_kl_estimate(model, reference, examples, global_batch, cache, partners, pad_id,
-                                               micro_size, run.device)
+                                               micro_size, run.device, packing=config.padding_free)
         means = MetricMeans()
         per_pair = None  # ORPO's NLL: the global batch's chosen tokens per pair, as every rank sees the batch
         if config.loss == "orpo":
@@ -276,8 +237,8 @@ def evaluate(config: DPOConfig, model, reference, examples, cache, partners, pad
                for start in range(0, len(examples), batch_size)]
     kl_ref_point = None
     if config.loss == "kto":
-        kl_ref_point = torch.cat([kto_kl_terms(model, reference, examples, index, cache, partners, pad_id, device)
-                                  for index in batches]).mean()
+        kl_ref_point = torch.cat([kto_kl_terms(model, reference, examples, index, cache, partners, pad_id, device,
+                                               packing=config.padding_free) for index in batches]).mean()
     for index in batches:
         loss, metrics = batch_loss(config, model, reference, examples, index, cache, partners, pad_id, device,
                                    kl_ref_point)

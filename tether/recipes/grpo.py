@@ -33,7 +33,7 @@ def grpo_loss(model, micro: dict, config: GRPOConfig, *, beta: float, counts: di
 
     Returns (loss, loss terms, metrics)."""
     logprobs, entropy, _ = completion_forward(model, micro, temperature=temperature, entropy=True,
-                                              entropy_grad=config.entropy_coef > 0)  # (n, C), (n, C)
+                                              entropy_grad=config.entropy_coef > 0, packing=config.padding_free)  # (n, C), (n, C)
     mask = micro["loss_mask"]  # (n, C)
     agg = dict(agg_mode=config.loss_aggregation, **counts)
     # IS weights w ≥ 0 per token scale the advantage, which scales each token's clipped loss by w (TIS / MIS).

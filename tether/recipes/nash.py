@@ -107,7 +107,7 @@ def sample_step(sampler, reward_set: RewardSet, prompts, params, timer, *, oppon
 def nash_loss(model, micro: dict, config: NashConfig, *, counts: dict, temperature: float):
     """The loss step: the policy-gradient surrogate of this micro-batch's advantages (N,), its share of the
     global minibatch (`counts`). Returns (loss, loss terms, metrics)."""
-    logprobs, _, _ = completion_forward(model, micro, temperature=temperature)  # (n, C)
+    logprobs, _, _ = completion_forward(model, micro, temperature=temperature, packing=config.padding_free)  # (n, C)
     loss, metrics = clipped_policy_loss(logprobs, micro["old_logprobs"], micro["advantages"], micro["loss_mask"],
                                         clip_low=config.clip_low, clip_high=config.clip_high,
                                         agg_mode=config.loss_aggregation, **counts)

@@ -70,7 +70,7 @@ def build_reward_set(config: PPOConfig, device) -> RewardSet:
 
 
 def values_of(config: PPOConfig, model, critic, micro: dict):
-    return (completion_forward(model, micro, value_head=critic)[2] if config.critic == "shared"
+    return (completion_forward(model, micro, value_head=critic, packing=config.padding_free)[2] if config.critic == "shared"
             else critic_values(critic, micro))
 
 
@@ -78,7 +78,8 @@ def ppo_loss(model, critic, micro: dict, config: PPOConfig, *, counts: dict, tem
     """This micro-batch's share of the minibatch loss (GLOBAL counts). Returns (loss, loss terms, metrics)."""
     shared = critic if config.critic == "shared" else None
     logprobs, entropy, values = completion_forward(model, micro, temperature=temperature, entropy=True,
-                                                   entropy_grad=config.entropy_coef > 0, value_head=shared)
+                                                   entropy_grad=config.entropy_coef > 0, value_head=shared,
+                                                   packing=config.padding_free)
     if values is None:
         values = critic_values(critic, micro)  # (n, C)
     mask = micro["loss_mask"]  # (n, C)

@@ -28,13 +28,13 @@ from tether.config.rft import RFTConfig
 from tether.config.sft import sft_config
 from tether.data.loading import load_rows
 from tether.eval.generation import write_jsonl
-from tether.recipes import sft
 from tether.eval.sampling import (candidate_rewards, load_sampling_model, number, reward_specs, sample_and_score,
                                   select)
 from tether.rewards import RewardSet
 from tether.runtime import distributed
 from tether.runtime.run import open_run_dir
 from tether.runtime.checkpoint import link_final
+from tether import supervised
 
 log = logging.getLogger("tether")
 
@@ -55,7 +55,7 @@ def train(config: RFTConfig) -> Path:
     """Run RFT as configured; returns the final model folder (`output_dir/final` → the last round's model).
 
     Under torchrun every rank samples and scores a share of the prompts, rank 0 writes the round's files, and
-    the round's SFT trains data-parallel (`sft.train`)."""
+    the round's SFT trains data-parallel (`supervised.train`)."""
     out = open_run_dir(config)
     rows = load_rows(config.data, config.data_split)
     eval_rows = load_rows(config.eval_data, config.data_split) if config.eval_data else []
@@ -82,9 +82,9 @@ def train(config: RFTConfig) -> Path:
 
         if stats["kept"]:
             start = config.model if config.finetune_from == "base" else policy
-            policy = str(sft.train(sft_config(config, model=start, data=str(round_dir / "kept.jsonl"),
-                                              output_dir=str(round_dir / "sft"), seed=config.seed + k - 1,
-                                              eval_data="")))
+            round_config = sft_config(config, model=start, data=str(round_dir / "kept.jsonl"),
+                                      output_dir=str(round_dir / "sft"), seed=config.seed + k - 1, eval_data="")
+            policy = str(supervised.train(round_config))
         else:
             log.warning("rft round %d: no sample passed the filter; the policy is unchanged", k)
         stats["model"] = policy
@@ -107,7 +107,7 @@ def sample_and_filter(config: RFTConfig, sampler_name: str, rows, reward_set, ro
     `kept`) and round_dir/kept.jsonl (the SFT data). Every rank samples its share; rank 0 writes."""
     model, tokenizer = load_sampling_model(sampler_name, config.device, config.dtype, config.seed)
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set, seed=seed,
-                               chat_template=config.chat_template, engine=config.rollout_engine, source=config.data)
+                               chat_template=config.chat_template, engine=config.sampling.rollout_engine, source=config.data)
     del model
     gc.collect()
     all_rows, kept_rows = [], []
@@ -137,7 +137,7 @@ def mean_reward(config: RFTConfig, model_name: str, rows: list[dict], reward_set
     model, tokenizer = load_sampling_model(model_name, config.device, config.dtype, config.seed)
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
                                seed=config.seed, chat_template=config.chat_template,
-                               engine=config.rollout_engine, source=config.eval_data)
+                               engine=config.sampling.rollout_engine, source=config.eval_data)
     rewards = [s["reward"] for prompt_samples in samples for s in prompt_samples if s["reward"] is not None]
     mean = sum(rewards) / len(rewards) if rewards else None
     log.info("eval reward mean of %s: %s", model_name, number(mean))

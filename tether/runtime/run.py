@@ -16,7 +16,6 @@ import torch
 from tether.config import ConfigError, save_config, to_dict
 from tether import models
 from tether.data.batching import BatchOrder
-from tether.models import packed
 from tether.runtime import distributed
 from tether.runtime.checkpoint import (gather_model_state, gather_optimizer_state, latest_checkpoint,
                                        load_checkpoint, save_checkpoint, save_model_folder)
@@ -78,7 +77,6 @@ class Run:
         self.device = choose_device(config.device)
         self.dtype = choose_dtype(config.dtype, self.device)
         seed_everything(config.seed)
-        packed.set_enabled(config.padding_free)  # the packed (padding-free) forward, for every model of the run
         self.guard = StepGuard()
         self.logger: RunLogger | None = None
         self.optimizer_ = self.scheduler_ = None
