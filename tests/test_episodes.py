@@ -9,6 +9,7 @@ import torch
 from tether.envs import get_env
 from tether.models.tiny import tiny_model, tiny_tokenizer
 from tether.ops import model_token_logprobs
+from tether.recipes.online import completion_forward
 from tether.rollout import RolloutBatch, Sampler, SamplingParams, get_sampler
 from tether.rollout.episodes import EpisodeBatch, concat_batches, generate_episodes, select_rows
 
@@ -116,6 +117,10 @@ def test_episode_tensors_line_up_with_the_teacher_forced_forward(policy, tokeniz
     with torch.no_grad():
         logprobs = model_token_logprobs(policy, tensors["input_ids"], tensors["attention_mask"])[0][:, P - 1:]
     assert torch.allclose(logprobs * mask, tensors["sampling_logprobs"], atol=1e-4)
+    # The online recipes' scoring forward (each prompt encoded once for its 3 episodes) reads the same values.
+    with torch.no_grad():
+        online = completion_forward(policy, tensors)[0]  # (N, C)
+    assert torch.allclose(online * mask, tensors["sampling_logprobs"], atol=1e-4)
     for row, turns in enumerate(batch.turns):  # observations (reset and step) are masked out, model text is not
         env_tokens = sum(len(t["text"]) for t in turns if t["role"] == "env")
         assert (mask[row] == 0).logical_and(tensors["attention_mask"][row, P:] == 1).sum() == env_tokens

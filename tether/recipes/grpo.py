@@ -57,9 +57,9 @@ class GRPOConfig(OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.rewards:
+        if not self.rewards and not self.env:
             raise ConfigError("config key 'rewards': GRPO needs at least one reward function, "
-                              "e.g. rewards: [{name: math, weight: 1.0}]")
+                              "e.g. rewards: [{name: math, weight: 1.0}] (or an `env` that gives rewards)")
         smallest_group = min(self.group_size, self.group_size_end or self.group_size)
         if self.advantage in GROUP_ESTIMATORS and smallest_group < 2:
             raise ConfigError(f"config key 'group_size': advantage={self.advantage} compares completions of the "
@@ -104,7 +104,7 @@ def train(config: GRPOConfig) -> Path:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    reward_set = RewardSet(config.rewards)
+    reward_set = RewardSet(config.rewards) if config.rewards else None  # None: the env's rewards only
     prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
     estimator = get_advantage_estimator(config.advantage)
     baseline = RunningMeanBaseline(config.baseline_decay) if config.advantage == "reinforce" else None
@@ -113,6 +113,7 @@ def train(config: GRPOConfig) -> Path:
     model = run.wrap(model)  # DDP / FSDP2 under torchrun
     sampler = build_sampler(config, model, tokenizer)
     stream = PromptStream(len(prompts), config.seed)
+    episodes = config.episodes()  # multi-turn rollouts with an environment, or None
 
     num_steps = total_steps(config, len(prompts))
     optimizer, scheduler = run.optimizer(model, num_steps * config.ppo_epochs * config.num_minibatches)
@@ -137,7 +138,7 @@ def train(config: GRPOConfig) -> Path:
             sampler, reward_set, prompts, stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
             chunk_size=config.generation_batch_size,
-            dynamic_sampling=config.dynamic_sampling, max_tries=config.max_sampling_tries)
+            dynamic_sampling=config.dynamic_sampling, max_tries=config.max_sampling_tries, episodes=episodes)
         batch = rollout_tensors(rollout, tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         N = batch["input_ids"].shape[0]
         micro_size = config.micro_batch_size or N

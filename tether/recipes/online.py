@@ -34,12 +34,14 @@ from tether.config import ConfigError, TrainConfig
 from tether.data.batching import BatchOrder
 from tether.data.chat import prompt_text, validate_messages
 from tether.data.loading import DataError, load_rows
+from tether.envs import BUILTIN_ENVS, get_env
 from tether.losses import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.models import unwrap
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
 from tether.ops import entropy_from_logits, model_token_logprobs, position_ids_from_mask, token_logprobs
 from tether.rewards import RewardResult, available_rewards, get_reward
 from tether.rollout import RolloutBatch, SamplingParams, get_sampler
+from tether.rollout.episodes import EpisodeBatch, concat_batches, generate_episodes, select_rows
 from tether.runtime import distributed
 from tether.runtime.logger import trim_step_lines
 from tether.runtime.metrics import MetricMeans
@@ -144,6 +146,17 @@ class OnlineConfig(TrainConfig):
     """Mean reward on eval_data every N steps (one sample per prompt at eval_temperature); 0: only at the end."""
     eval_temperature: float = 0.0
     """Sampling temperature of the evaluation (0 = greedy)."""
+    env: str = ""
+    """Multi-turn episodes instead of single completions: calculator | python | calculator+python | single_turn |
+    path/to/file.py:Class (docs/tools.md). Observation tokens are context, never trained on."""
+    env_options: dict = field(default_factory=dict)
+    """Options of the environment: format (tag | json tool calls), the python tool's timeout, memory_mb, ...; a
+    user's class gets them as keyword arguments."""
+    max_turns: int = 4
+    """Most model turns per episode (with `env`)."""
+    max_turn_tokens: int = 0
+    """Most tokens per model turn (with `env`); 0: only the episode's max_completion_length (model and
+    observation tokens together) bounds it."""
 
     def validate(self) -> None:
         checks = [
@@ -173,6 +186,8 @@ class OnlineConfig(TrainConfig):
             ("dual_clip", self.dual_clip is None or self.dual_clip > 1, "must be > 1 (or null)"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
+            ("max_turns", self.max_turns >= 1, "must be >= 1"),
+            ("max_turn_tokens", self.max_turn_tokens >= 0, "must be >= 0 (0: no per-turn bound)"),
         ]
         for key, ok, message in checks:
             if not ok:
@@ -187,6 +202,18 @@ class OnlineConfig(TrainConfig):
                     get_reward(name)
                 except ValueError as err:
                     raise ConfigError(f"config key 'rewards[{index}]': {err}") from None
+
+        if self.env and self.env not in BUILTIN_ENVS:
+            try:  # a user's file:Class is imported now, so a typo fails before any work
+                get_env(self.env, **self.env_options)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"config key 'env': {err}") from None
+
+    def episodes(self) -> "EpisodeOptions | None":
+        """How to roll out episodes, or None for single completions."""
+        if not self.env:
+            return None
+        return EpisodeOptions(get_env(self.env, **self.env_options), self.max_turns, self.max_turn_tokens)
 
     def kl_needed(self) -> bool:
         """Whether any step can use the reference: β > 0 (an adaptive β starts > 0 and stays > 0)."""
@@ -315,14 +342,8 @@ class Rollout:
         """The rollout restricted to the given groups (prompt positions), in that order."""
         G = self.group_size
         rows = [g * G + j for g in groups for j in range(G)]
-        s, r = self.samples, self.scores
-        samples = RolloutBatch(
-            prompt_ids=[s.prompt_ids[g] for g in groups],
-            completion_ids=[s.completion_ids[i] for i in rows],
-            completion_logprobs=[s.completion_logprobs[i] for i in rows],
-            finish_reasons=[s.finish_reasons[i] for i in rows],
-            completions=[s.completions[i] for i in rows],
-            prompt_index=[k for k in range(len(groups)) for _ in range(G)])
+        r = self.scores
+        samples = select_rows(self.samples, groups)
         per_function = {name: [values[i] for i in rows] for name, values in r.per_function.items()}
         scores = RewardResult(total=[r.total[i] for i in rows], per_function=per_function, weights=r.weights,
                               none_count={n: sum(v is None for v in vs) for n, vs in per_function.items()},
@@ -333,13 +354,7 @@ class Rollout:
     def concat(rollouts: list["Rollout"]) -> "Rollout":
         first = rollouts[0]
         prompts = [p for r in rollouts for p in r.prompts]
-        samples = RolloutBatch(
-            prompt_ids=[x for r in rollouts for x in r.samples.prompt_ids],
-            completion_ids=[x for r in rollouts for x in r.samples.completion_ids],
-            completion_logprobs=[x for r in rollouts for x in r.samples.completion_logprobs],
-            finish_reasons=[x for r in rollouts for x in r.samples.finish_reasons],
-            completions=[x for r in rollouts for x in r.samples.completions],
-            prompt_index=[k for k in range(len(prompts)) for _ in range(first.group_size)])
+        samples = concat_batches([r.samples for r in rollouts])
         per_function = {name: [x for r in rollouts for x in r.scores.per_function[name]]
                         for name in first.scores.per_function}
         scores = RewardResult(total=[x for r in rollouts for x in r.scores.total], per_function=per_function,
@@ -358,22 +373,54 @@ class Rollout:
         return flags
 
 
-def generate_and_score(sampler, reward_set, prompts: list[Prompt], params: SamplingParams, timer) -> Rollout:
-    """Sample params.n completions per prompt and score every one with the reward functions."""
+@dataclass
+class EpisodeOptions:
+    """Multi-turn rollouts (`tether.rollout.episodes`): a fresh environment per episode and the turn bounds."""
+
+    make_env: object
+    max_turns: int
+    max_turn_tokens: int
+
+
+def generate_and_score(sampler, reward_set, prompts: list[Prompt], params: SamplingParams, timer,
+                       episodes: EpisodeOptions | None = None) -> Rollout:
+    """Sample params.n completions (or episodes) per prompt and score every one with the reward functions; an
+    episode's completion is its whole text after the prompt, and its environment's rewards add to the total."""
     with timer.section("generation"):
-        samples = sampler.generate([p.ids for p in prompts], params)
+        if episodes is None:
+            samples = sampler.generate([p.ids for p in prompts], params)
+        else:
+            samples = generate_episodes(sampler, [p.ids for p in prompts],
+                                        [{"prompt": p.prompt, **p.columns} for p in prompts], episodes.make_env,
+                                        params, max_turns=episodes.max_turns, max_turn_tokens=episodes.max_turn_tokens)
     with timer.section("scoring"):
         rows = [prompts[i] for i in samples.prompt_index]
         columns = {key: [p.columns[key] for p in rows] for key in (prompts[0].columns if prompts else {})}
         columns["completion_ids"] = samples.completion_ids
         columns["completion_lengths"] = [len(ids) for ids in samples.completion_ids]
-        scores = reward_set([p.prompt for p in rows], samples.completions, **columns)
+        scores = reward_set([p.prompt for p in rows], samples.completions, **columns) if reward_set else None
+        if isinstance(samples, EpisodeBatch):
+            scores = add_env_rewards(scores, samples.env_rewards)
     return Rollout(list(prompts), samples, scores, params.n)
+
+
+def add_env_rewards(scores: RewardResult | None, env_rewards: list[float | None]) -> RewardResult:
+    """The reward functions' result with the environments' rewards as one more function, `env` (weight 1),
+    added to the total where given (an episode whose environment gave none keeps the functions' total)."""
+    if scores is None:
+        return RewardResult(total=list(env_rewards), per_function={"env": list(env_rewards)}, weights={"env": 1.0},
+                            none_count={"env": sum(v is None for v in env_rewards)})
+    total = [t if e is None else (None if t is None else t + e) for t, e in zip(scores.total, env_rewards)]
+    return RewardResult(total=total, per_function={**scores.per_function, "env": list(env_rewards)},
+                        weights={**scores.weights, "env": 1.0},
+                        none_count={**scores.none_count, "env": sum(v is None for v in env_rewards)},
+                        stats=scores.stats)
 
 
 def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStream, params: SamplingParams, *,
                    batch_size: int, seed: int, step: int, timer, dynamic_sampling: bool = False,
-                   max_tries: int = 1, chunk_size: int = 0) -> tuple[Rollout, Rollout, dict]:
+                   max_tries: int = 1, chunk_size: int = 0,
+                   episodes: EpisodeOptions | None = None) -> tuple[Rollout, Rollout, dict]:
     """This rank's rollout for one step: batch_size prompts (over all ranks) × params.n completions.
 
     The rank's prompts are sampled `chunk_size` at a time (0: all at once), each call seeded from (seed, step,
@@ -392,7 +439,8 @@ def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStr
         chosen = distributed.shard([prompts[i] for i in stream.take(batch_size)])
         rollout = Rollout.concat([
             generate_and_score(sampler, reward_set, chosen[start:start + chunk_size],
-                               dataclasses.replace(params, seed=derive_seed(seed, step, attempt, first + start)), timer)
+                               dataclasses.replace(params, seed=derive_seed(seed, step, attempt, first + start)), timer,
+                               episodes)
             for start in range(0, local_size, chunk_size)])
         sampled.append(rollout)
         if not dynamic_sampling:
@@ -649,6 +697,8 @@ def rollout_metrics(sampled: Rollout, batch: Rollout, tensors: dict) -> dict:
     metrics.update({"completion_length_mean": lengths.mean(), "completion_length_max": lengths.max(),
                     "completion_length_min": lengths.min(), "truncated_frac": truncated.mean(),
                     "num_completions": float(len(lengths)), "group_size": float(batch.group_size)})
+    if isinstance(batch.samples, EpisodeBatch):  # turns, tool calls, tool errors, tool time
+        metrics.update(batch.samples.metrics())
     return metrics
 
 
@@ -702,6 +752,8 @@ class SampleWriter:
                    "length": len(rollout.samples.completion_ids[i])}
             if advantages is not None:
                 row["advantage"] = float(advantages[i])
+            if isinstance(rollout.samples, EpisodeBatch):  # turns, tool calls, observations
+                row["episode"] = rollout.samples.episode(i)
             rows.append(row)
         rows = distributed.gather_lists(rows)
         if self.enabled:
@@ -714,7 +766,7 @@ def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineC
     """Mean rewards of one completion per held-out prompt (greedy at eval_temperature 0)."""
     params = SamplingParams(temperature=config.eval_temperature, max_new_tokens=config.max_completion_length,
                             stop=config.stop, seed=config.seed, n=1)
-    rollout = generate_and_score(sampler, reward_set, prompts, params, Timer())
+    rollout = generate_and_score(sampler, reward_set, prompts, params, Timer(), config.episodes())
     return {f"eval/{k.removeprefix('reward/')}": v for k, v in rollout.scores.metrics(prefix="reward/").items()
             if k.endswith("/mean")}
 
