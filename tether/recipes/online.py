@@ -34,7 +34,7 @@ from tether.config import ConfigError, TrainConfig
 from tether.data.batching import BatchOrder
 from tether.data.chat import prompt_text, validate_messages
 from tether.data.loading import DataError, load_rows
-from tether.envs import BUILTIN_ENVS, get_env
+from tether.envs import BUILTIN_ENVS, FORMATS, get_env
 from tether.losses import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.models import unwrap
 from tether.models.shared_prompt import completion_logprobs, shares_prompts
@@ -203,6 +203,12 @@ class OnlineConfig(TrainConfig):
                 except ValueError as err:
                     raise ConfigError(f"config key 'rewards[{index}]': {err}") from None
 
+        if self.env_options.get("format", "tag") not in FORMATS:
+            raise ConfigError(f"config key 'env_options.format': must be one of {', '.join(FORMATS)}, got "
+                              f"{self.env_options['format']!r}")
+        if self.env and ":" not in self.env and self.env not in BUILTIN_ENVS:
+            raise ConfigError(f"config key 'env': {self.env!r} is unknown; use one of {', '.join(BUILTIN_ENVS)} "
+                              "or path/to/file.py:Class")
         if self.env and self.env not in BUILTIN_ENVS:
             try:  # a user's file:Class is imported now, so a typo fails before any work
                 get_env(self.env, **self.env_options)
