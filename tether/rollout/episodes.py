@@ -170,10 +170,11 @@ def _model_turn(sampler, prompt_ids, active: list[_Episode], params: SamplingPar
     limits = [params.max_new_tokens - len(e.ids) for e in active]
     if max_turn_tokens:
         limits = [min(limit, max_turn_tokens) for limit in limits]
-    step_params = dataclasses.replace(params, max_new_tokens=max(limits), stop=stops, seed=_turn_seed(params.seed, turn),
-                                      include_stop_str_in_output=True, min_new_tokens=min(params.min_new_tokens,
-                                                                                          min(limits)))
-    if turn == 0 and len(active) == len(prompt_ids) * params.n and all(not e.ids for e in active):  # n episodes of a prompt start from one prefill
+    step_params = dataclasses.replace(params, max_new_tokens=max(limits), stop=stops, include_stop_str_in_output=True,
+                                      seed=_turn_seed(params.seed, turn),
+                                      min_new_tokens=min(params.min_new_tokens, min(limits)))
+    fresh = len(active) == len(prompt_ids) * params.n and all(not e.ids for e in active)
+    if turn == 0 and fresh:  # the n episodes of a prompt start from one prefill
         out = sampler.generate(prompt_ids, step_params)
     else:
         out = sampler.generate([prompt_ids[e.prompt] + e.ids for e in active], dataclasses.replace(step_params, n=1))
