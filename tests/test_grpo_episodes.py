@@ -100,3 +100,31 @@ def test_bad_env_stops_before_work(prompts_file, tmp_path, capsys):
     assert main(["grpo", *base, f"output_dir={tmp_path}/c", f"env={tmp_path}/missing.py:Env"]) == 2
     assert "not found" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def some_digit(prompts, completions, **columns):
+    """1 when the episode's text has a digit anywhere (what ended a model turn in DigitEnv)."""
+    return [float(any(c.isdigit() for c in text)) for text in completions]
+
+
+def test_eval_over_episodes(tmp_path):
+    """`tether eval --env`: pass@k over whole episodes; each sample carries its readable episode."""
+    rows = [{"prompt": p} for p in ("a", "bb", "ccc")]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", TINY, "--data", str(data), "--n", "4", "--k", "1", "4", "--temperature", "1.0",
+                 "--top-p", "1.0", "--max-new-tokens", "24", "--rewards", f"{__file__}:some_digit",
+                 "--env", f"{__file__}:DigitEnv", "--max-turns", "4", "--max-turn-tokens", "6", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    samples = result["samples"]
+    assert len(samples) == 12
+    for sample in samples:
+        turns = sample["episode"]["turns"]
+        assert "".join(t["text"] for t in turns) == sample["completion"]
+        assert sample["correct"] == any(c.isdigit() for c in sample["completion"])
+    assert result["metrics"]["pass@1_mean"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+    assert result["metrics"]["episode/turns_mean"] == pytest.approx(
+        sum(sum(t["role"] == "model" for t in s["episode"]["turns"]) for s in samples) / 12)
+    assert result["metrics"]["episode/turns_mean"] > 1.0  # several turns happened
