@@ -56,7 +56,7 @@ class Size:
 SIZES = {
     "default": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=30, prompts_per_step=16,
                     group_size=8, grpo_lr=5e-4, eval_n=1),
-    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=30, prompts_per_step=16,
+    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=10, prompts_per_step=16,
                   group_size=8, grpo_lr=5e-4, eval_n=1),
 }
 
