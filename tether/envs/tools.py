@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import json
 import operator
-import re
 from dataclasses import dataclass
 from typing import Any
 

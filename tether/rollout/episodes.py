@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -159,7 +158,8 @@ def generate_episodes(sampler, prompt_ids: list[list[int]], rows: list[dict], ma
         return _to_batch(tokenizer, prompt_ids, episodes, params.n)
     finally:
         for episode in episodes:
-            episode.env.close() if hasattr(episode.env, "close") else None
+            if hasattr(episode.env, "close"):
+                episode.env.close()
 
 
 def _model_turn(sampler, prompt_ids, active: list[_Episode], params: SamplingParams, turn: int,
