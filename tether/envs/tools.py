@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,9 @@ def calculate(expression: str) -> int | float:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        with warnings.catch_warnings():  # e.g. "3x4" warns "invalid decimal literal" before failing
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError:
         raise ValueError(f"cannot parse {expression.strip()!r}") from None
 
