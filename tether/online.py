@@ -28,6 +28,7 @@ from torch import Tensor
 from tether.config import ConfigError
 from tether.config.online import OnlineConfig
 from tether.data.batching import derive_seed, split_micro_batches
+from tether.envs import env as env_reward, get_env
 from tether.kl_control import AdaptiveKLController, FixedKLController
 from tether.losses import kl_estimate, sequence_kl
 from tether.models import unwrap
@@ -35,6 +36,7 @@ from tether.models.forward import logprob_fn, scoring_pass, take
 from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
+from tether.rollout.episodes import EpisodeBatch, EpisodeOptions
 from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
 from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
 from tether.runtime import distributed
@@ -95,6 +97,8 @@ class OnlineRun:
     scheduler: object
     start_step: int = 0
     samples: SampleWriter | None = None
+    episodes: EpisodeOptions | None = None
+    """With `env`: multi-turn episodes instead of single completions (the loss mask is the model-written mask)."""
 
     @property
     def total_updates(self) -> int:
@@ -128,7 +132,8 @@ class OnlineRun:
         rollout, sampled, metrics = sample_rollout(
             self.sampler, self.reward_set, self.prompts, self.stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
-            chunk_size=config.generation_batch_size, dynamic_sampling=dynamic_sampling, max_tries=max_tries)
+            chunk_size=config.generation_batch_size, dynamic_sampling=dynamic_sampling, max_tries=max_tries,
+            episodes=self.episodes)
         batch = rollout_tensors(rollout, self.tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         micro_size = config.micro_batch_size or batch["input_ids"].shape[0]
         with timer.section("old_logprobs"), autocast(run):
@@ -175,7 +180,7 @@ class OnlineRun:
         metrics = {**metrics, **rollout_metrics(exp.sampled, exp.rollout, exp.batch), **exp.metrics,
                    "kl_coef": exp.beta, "temperature": exp.temperature, **exp.timer.metrics()}
         if self.eval_prompts and config.eval_steps and step % config.eval_steps == 0:
-            metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config))
+            metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config, self.episodes))
         self.samples.write(step, exp.rollout, advantages)
         self.run.end_step(step, metrics, model=self.model, tokenizer=self.tokenizer,
                           tokens=int(exp.batch["attention_mask"].sum()),
@@ -186,7 +191,7 @@ class OnlineRun:
 
     def finish(self) -> Path:
         """Held-out rewards (eval.json), then `final/`; returns its path."""
-        final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config)
+        final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config, self.episodes)
         return self.run.finish(self.model, self.tokenizer)
 
 
@@ -197,16 +202,28 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     optimizer and scheduler. Call `OnlineRun.start()` once the recipe's own modules exist."""
     check_strategy(config)
     model, tokenizer = run.load_model()
-    reward_set = RewardSet(config.rewards) if reward_set is None else reward_set
+    reward_set = RewardSet(reward_specs(config)) if reward_set is None else reward_set
     prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     model = run.wrap(model)  # DDP under torchrun
     num_steps = total_steps(config, len(prompts))
     online = OnlineRun(run, config, model, tokenizer, reward_set, prompts, eval_prompts, reference,
                        build_sampler(config, model, tokenizer), PromptStream(len(prompts), config.seed),
-                       make_kl_controller(config), num_steps, None, None)
+                       make_kl_controller(config), num_steps, None, None, episodes=episode_options(config))
     online.optimizer, online.scheduler = run.optimizer(model, online.total_updates)
     return online
+
+
+def reward_specs(config: OnlineConfig) -> list:
+    """The run's reward functions: `rewards`, plus the environment's own reward (`env`, weight 1) with `env`."""
+    return [*config.rewards, {"name": env_reward, "weight": 1.0}] if config.env else list(config.rewards)
+
+
+def episode_options(config: OnlineConfig) -> EpisodeOptions | None:
+    """How to roll out episodes with `config.env`, or None for single completions."""
+    if not config.env:
+        return None
+    return EpisodeOptions(get_env(config.env, **config.env_options), config.max_turns, config.max_turn_tokens)
 
 
 def linear_schedule(start: float, end: float | None, step: int, steps: int) -> float:
@@ -300,6 +317,8 @@ def rollout_metrics(sampled: Rollout, batch: Rollout, tensors: dict) -> dict:
     metrics.update({"completion_length_mean": lengths.mean(), "completion_length_max": lengths.max(),
                     "completion_length_min": lengths.min(), "truncated_frac": truncated.mean(),
                     "num_completions": float(len(lengths)), "group_size": float(batch.group_size)})
+    if isinstance(batch.samples, EpisodeBatch):  # turns, tool calls, tool errors, tool time (this rank's)
+        metrics.update(batch.samples.metrics())
     return metrics
 
 
@@ -312,11 +331,12 @@ def check_strategy(config) -> None:
 
 
 @torch.no_grad()
-def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineConfig) -> dict[str, float]:
-    """Mean rewards of one completion per held-out prompt (greedy at eval_temperature 0)."""
+def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineConfig,
+                     episodes: EpisodeOptions | None = None) -> dict[str, float]:
+    """Mean rewards of one completion (or episode) per held-out prompt (greedy at eval_temperature 0)."""
     params = SamplingParams(temperature=config.eval_temperature, max_new_tokens=config.max_completion_length,
                             stop=config.stop, seed=config.seed, n=1)
-    rollout = generate_and_score(sampler, reward_set, prompts, params, Timer())
+    rollout = generate_and_score(sampler, reward_set, prompts, params, Timer(), episodes)
     return {f"eval/{k.removeprefix('reward/')}": v for k, v in rollout.scores.metrics(prefix="reward/").items()
             if k.endswith("/mean")}
 
@@ -332,11 +352,12 @@ def build_sampler(config: OnlineConfig, model, tokenizer):
     return get_sampler(config.rollout_engine, unwrap(model), tokenizer, **options)
 
 
-def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: OnlineConfig) -> None:
+def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: OnlineConfig,
+                     episodes: EpisodeOptions | None = None) -> None:
     """Held-out rewards after training, logged and written to eval.json."""
     if not prompts:
         return
-    result = evaluate_rewards(sampler, reward_set, prompts, config)
+    result = evaluate_rewards(sampler, reward_set, prompts, config, episodes)
     log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if run.main:
         (run.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

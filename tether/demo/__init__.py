@@ -3,6 +3,7 @@
     tether demo            # rlvr: cold-start SFT → pass@1/maj@k → GRPO (exact answer + format) → again
     tether demo rlhf       # reward model on gold-labelled pairs → PPO/GRPO vs. the learned reward, β sweep
     tether demo dpo        # DPO on the same preferences; gold reward of SFT, DPO, PPO, GRPO and best-of-N
+    tether demo tools      # 3-digit multiplication: cold-start SFT on calculator traces → GRPO on episodes
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 
 from tether.runtime.options import parse_args
 
-DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf"}
+DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf", "tools": "tether.demo.tools"}
 
 
 def demo_main(argv: list[str]) -> int:
