@@ -56,7 +56,7 @@ class Size:
 SIZES = {
     "default": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=40, prompts_per_step=16,
                     group_size=8, grpo_lr=2e-4, eval_n=1),
-    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=10, prompts_per_step=16,
+    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=200, grpo_steps=8, prompts_per_step=16,
                   group_size=8, grpo_lr=2e-4, eval_n=1),
 }
 
@@ -72,12 +72,14 @@ def multiplication_split(n_train: int, n_test: int, seed: int) -> tuple[list[dic
     return rows[:n_train], rows[n_train:]
 
 
-def trace(row: dict, with_tool: bool) -> str:
-    """A cold-start demonstration: the tool call, its output and the answer; or a direct answer."""
+def trace(row: dict, with_tool: bool) -> str | list[dict]:
+    """A cold-start demonstration: the tool call, its output and the answer, in segments whose tool output is
+    context only (`train: false`: the model reads it and does not learn to write it, as in the RL episodes);
+    or a direct answer."""
     if not with_tool:
         return f"<answer>{row['answer']}</answer>"
-    call = f"<calculator>{row['a']}*{row['b']}</calculator>"
-    return f"{call}<output>{row['answer']}</output><answer>{row['answer']}</answer>"
+    return [{"text": f"<calculator>{row['a']}*{row['b']}</calculator>"},
+            {"text": f"<output>{row['answer']}</output>", "train": False}, {"text": f"<answer>{row['answer']}</answer>"}]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
