@@ -85,7 +85,8 @@ def test_resume_on_episodes_equals_uninterrupted(prompts_file, tmp_path, monkeyp
         assert "".join(t["text"] for t in row["episode"]["turns"]) == row["completion"]
         assert [t["role"] for t in row["episode"]["turns"]][:2] == ["model", "env"]
         assert row["episode"]["env_reward"] in (None, 0.5)
-        assert row["reward"] == pytest.approx(row["rewards"]["digit_fraction"] + (row["rewards"]["env"] or 0.0))
+        assert row["rewards"]["env"] == (row["episode"]["env_reward"] or 0.0)  # the `env` reward: 0 if none given
+        assert row["reward"] == pytest.approx(row["rewards"]["digit_fraction"] + row["rewards"]["env"])
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert all(1.0 <= m["episode/turns_mean"] <= 4.0 for m in metrics)
     assert all(m["episode/tool_calls_mean"] == 0.0 for m in metrics)  # no tools in this environment
