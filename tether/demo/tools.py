@@ -50,13 +50,14 @@ class Size:
     grpo_lr: float
     eval_n: int         # samples per held-out problem (greedy when 1, else temperature 1)
     direct_every: int = 4  # every k-th SFT trace answers directly (no tool): the rest call the calculator
+    mask_tool_output: bool = False  # cold start: the calculator's output is context only (train: false)
     model: str = "tiny:reasoning_tags=1"
 
 
 SIZES = {
     "default": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=40, prompts_per_step=16,
                     group_size=8, grpo_lr=2e-4, eval_n=1),
-    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=200, grpo_steps=8, prompts_per_step=16,
+    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=8, prompts_per_step=16,
                   group_size=8, grpo_lr=2e-4, eval_n=1),
 }
 
@@ -72,14 +73,16 @@ def multiplication_split(n_train: int, n_test: int, seed: int) -> tuple[list[dic
     return rows[:n_train], rows[n_train:]
 
 
-def trace(row: dict, with_tool: bool) -> str | list[dict]:
-    """A cold-start demonstration: the tool call, its output and the answer, in segments whose tool output is
-    context only (`train: false`: the model reads it and does not learn to write it, as in the RL episodes);
-    or a direct answer."""
+def trace(row: dict, with_tool: bool, mask_tool_output: bool = False) -> str | list[dict]:
+    """A cold-start demonstration: the tool call, its output and the answer; or a direct answer. With
+    `mask_tool_output` in segments whose tool output is context only (`train: false`: the model reads it and does
+    not learn to write it, as in the RL episodes)."""
     if not with_tool:
         return f"<answer>{row['answer']}</answer>"
-    return [{"text": f"<calculator>{row['a']}*{row['b']}</calculator>"},
-            {"text": f"<output>{row['answer']}</output>", "train": False}, {"text": f"<answer>{row['answer']}</answer>"}]
+    segments = [{"text": f"<calculator>{row['a']}*{row['b']}</calculator>"},
+                {"text": f"<output>{row['answer']}</output>", "train": not mask_tool_output},
+                {"text": f"<answer>{row['answer']}</answer>"}]
+    return segments if mask_tool_output else "".join(segment["text"] for segment in segments)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -121,8 +124,9 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
     s = SIZES[size]
     train_rows, test_rows = multiplication_split(s.n_sft + s.n_rl, s.n_test, seed)
     sft_rows = train_rows[:s.n_sft]
-    sft_data = write_jsonl(out / "sft.jsonl", [{"prompt": r["prompt"], "completion": trace(r, i % s.direct_every != 0)}
-                                              for i, r in enumerate(sft_rows)])
+    sft_data = write_jsonl(out / "sft.jsonl", [
+        {"prompt": r["prompt"], "completion": trace(r, i % s.direct_every != 0, s.mask_tool_output)}
+        for i, r in enumerate(sft_rows)])
     rl_data = write_jsonl(out / "rl_prompts.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
                                                      for r in train_rows])
 
@@ -163,9 +167,9 @@ def summarise(out: Path, before: dict, after: dict, s: Size, seed: int, wall: fl
     print(f"accuracy with the calculator: {summary['accuracy_gain_points']:+.1f} points   wall time: {wall:.0f} s")
     metrics = read_jsonl(out / "grpo" / "metrics.jsonl")
     images = [plot_series(out / "reward.png", "GRPO: mean reward (exact answer) per step",
-                          {"reward": metric_series(metrics, "reward/math/mean")}),
+                          {"reward": metric_series(metrics, "reward/math/mean")}, ylabel="mean exact-answer reward"),
               plot_series(out / "tool_call_rate.png", "episodes that call the calculator",
-                          {"rate": metric_series(metrics, "episode/tool_call_rate")})]
+                          {"rate": metric_series(metrics, "episode/tool_call_rate")}, ylabel="tool-call rate")]
     samples = [{"prompt": e["prompt"], "completion": " | ".join(f"{t['role']}: {t['text']}" for t in e["episode"]),
                 "reward": e["reward"]} for e in after["examples"]]
     write_html(out / "report.html", title="tether demo: learning to call a calculator with RL",
