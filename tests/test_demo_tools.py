@@ -1,10 +1,11 @@
-"""`tether demo tools` at reduced size (10 GRPO steps instead of 40): the calculator is what makes the task
-solvable, before and after RL, and the policy calls it.
+"""`tether demo tools` at reduced size (300 SFT steps, 8 GRPO steps instead of 40): the calculator is what makes
+the task solvable, before and after RL, and the policy calls it.
 
-Greedy accuracy on 100 held-out problems (a standard error of about 0.04 near 0.2). Measured at the default
-size, seed 0 (docs/tools.md): with the calculator 0.22 after SFT and 0.27 after GRPO (0.14 with lr 5e-4 and
-temperature 0.7), without it 0.01 and 0.02; tool-call rate 1.0. The bounds sit well inside those gaps. Only seed 0 was measured; the
-3-seed margins the issue asks for are not yet measured. Slow: about 4-6 minutes on one thread.
+Greedy accuracy on 100 held-out problems. Measured at this size over seeds 0 / 1 / 2 (docs/tools.md), with
+the calculator minus without: after SFT 0.21 / 0.89 / 0.23, after GRPO 0.25 / 0.88 / 0.11; tool-call rate
+1.00 in every run. GAP sits below the smallest of those six (0.11). Seed 0 gives 0.22 -> 0.26 with the
+calculator (0.01 without). No RL gain is asserted: none was shown over 3 seeds. Slow: about 4 minutes with
+three such runs sharing 2 cores (one run alone is faster).
 """
 
 import json
@@ -28,4 +29,4 @@ def test_tools_demo_the_calculator_is_what_solves_the_task(tmp_path):
     assert any("<output>" in t["text"] for s in samples for t in s["episode"]["turns"] if t["role"] == "env")
 
 
-GAP = 0.06
+GAP = 0.08
