@@ -23,7 +23,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from bench import STEPS, Worker, micro_options, shape_of  # noqa: E402
+from bench import STEPS, Worker, kind_of, micro_options, shape_of  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict]:
@@ -66,13 +66,13 @@ def main(argv=None) -> int:
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in order:
                 lib, levers, options = variants[name]
-                job = {"lib": lib, "workload": args.workload, "model": str(out / "models" / args.model),
+                job = {"lib": lib, "workload": kind_of(args.workload), "model": str(out / "models" / args.model),
                        "data_dir": str(out / "data" / args.model), "warmup": warmup, "steps": steps,
                        "threads": args.threads, "seed": 0, "levers": levers,
                        "out_dir": str(out / "runs" / f"ablate-{lib}"), "log": str(out / "logs" / f"ablate-{lib}.log"),
                        **shape}
                 if micro:
-                    job.update(micro_options(lib, args.workload, shape, micro))
+                    job.update(micro_options(lib, kind_of(args.workload), shape, micro))
                 if options:
                     job["tether_options"] = {**job.get("tether_options", {}), **options}
                 result = workers[lib].run(job)

@@ -1,13 +1,19 @@
 """Build the benchmark's models and datasets locally (nothing is downloaded).
 
-Two models, saved with `save_pretrained` so tether and TRL load the very same files:
+Three models, saved with `save_pretrained` so tether and TRL load the very same files:
   tiny      tether's built-in tiny Llama (`tether.models.tiny`), character tokenizer, vocabulary ~106.
   vocab150k a small Llama with Qwen2's vocabulary size (151,936, tied embeddings like Qwen2.5-0.5B) and a
             word-level tokenizer of synthetic words `w0 ... w151636`: the LM head (151,936 x hidden) holds most
             of the parameters and FLOPs, as it does in small real models. (Llama, not Qwen2, because
             transformers 5 swaps a qwen2 model's tokenizer.json pre-tokenizer for Qwen's byte-level one.)
+  mid       a Llama of a realistic small shape: hidden 512, 4 layers, 8 heads, intermediate 1408, vocabulary
+            32,000 (Llama-2's), tied embeddings: 29.2M parameters, 56% of them in the embedding / LM head,
+            with a word-level tokenizer of 32,000 synthetic words.
+  qwen05b   (bench/gpu.sh only) Qwen2.5-0.5B's shape as a Llama with random weights: hidden 896, 24 layers,
+            14 heads (2 key/value heads), intermediate 4864, vocabulary 151,936, tied embeddings (~0.49B; no
+            q/k/v bias, the one difference from Qwen2), with the vocab150k word-level tokenizer.
 Datasets are JSONL written next to each model, drawn from a seeded generator, with lengths in tokens
-controlled exactly (one character = one token for `tiny`, one word = one token for `vocab150k`).
+controlled exactly (one character = one token for `tiny`, one word = one token for the word-level models).
 
     python bench/assets.py OUT_DIR      # writes OUT_DIR/models/<name>/ and OUT_DIR/data/<name>/*.jsonl
 """
@@ -28,24 +34,39 @@ SHAPES = {
                  rl_prompt=(16, 32)),
     "vocab150k": dict(sft_prompt=(8, 24), sft_completion=(24, 56), dpo_prompt=(8, 24), dpo_response=(12, 40),
                       rl_prompt=(8, 16)),
+    # the issue-24 shape: prompts 64 tokens and completions / responses 128 on average, lengths varying as in
+    # real data (so padding exists for a padded forward to spend work on)
+    "mid": dict(sft_prompt=(48, 80), sft_completion=(96, 160), dpo_prompt=(48, 80), dpo_response=(96, 160),
+                rl_prompt=(48, 80)),
 }
+SHAPES["qwen05b"] = SHAPES["mid"]
 SFT_ROWS, DPO_ROWS, RL_ROWS = 256, 256, 64
 
 QWEN_VOCAB_SIZE = 151_936  # Qwen2/2.5 embedding rows
 WORD_TOKENS = 151_643  # Qwen2's regular (non-special) tokens; the rest of the rows are padding
 BIG_SIZE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)
+MID_VOCAB_SIZE = 32_000
+MID_SIZE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=8, max_position_embeddings=1024)
+QWEN05B_SIZE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+# Per word-level model: (embedding rows, regular word tokens, layer sizes).
+WORD_MODELS = {"vocab150k": (QWEN_VOCAB_SIZE, WORD_TOKENS, BIG_SIZE), "mid": (MID_VOCAB_SIZE, MID_VOCAB_SIZE, MID_SIZE),
+               "qwen05b": (QWEN_VOCAB_SIZE, WORD_TOKENS, QWEN05B_SIZE)}
 
 
-def word_tokenizer():
-    """A word-level tokenizer: `w0 ... w151642` plus the tiny model's special tokens and chat template."""
+def word_tokenizer(words: int = WORD_TOKENS):
+    """A word-level tokenizer: the tiny model's special tokens, then `w0 ... w{words - 7}` (`words` ids in all),
+    and the tiny model's chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from tether.models.tiny import BOS, CHAT_TEMPLATE, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, UNK
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for i in range(WORD_TOKENS - len(SPECIAL_TOKENS)):
+    for i in range(words - len(SPECIAL_TOKENS)):
         vocab[f"w{i}"] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -57,12 +78,14 @@ def word_tokenizer():
     return tokenizer
 
 
-def big_vocab_model(tokenizer, seed: int = 0):
+def word_model(name: str, tokenizer, seed: int = 0):
+    """The randomly initialised Llama `name` ("vocab150k" or "mid") for a word-level tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=QWEN_VOCAB_SIZE, bos_token_id=tokenizer.bos_token_id,
+    vocab_size, _, size = WORD_MODELS[name]
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **BIG_SIZE)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **size)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -76,9 +99,9 @@ def build_model(name: str, path: Path) -> None:
     if name == "tiny":
         tokenizer = tiny_tokenizer()
         model = tiny_model(tokenizer, seed=0)
-    elif name == "vocab150k":
-        tokenizer = word_tokenizer()
-        model = big_vocab_model(tokenizer)
+    elif name in WORD_MODELS:
+        tokenizer = word_tokenizer(WORD_MODELS[name][1])
+        model = word_model(name, tokenizer)
     else:
         raise ValueError(f"unknown benchmark model {name!r}")
     path.mkdir(parents=True, exist_ok=True)
@@ -93,7 +116,8 @@ def _text(name: str, rng: random.Random, n_tokens: int) -> str:
     if name == "tiny":
         alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 +-=*"
         return "".join(rng.choice(alphabet) for _ in range(n_tokens))
-    return " ".join(f"w{rng.randrange(WORD_TOKENS - 6)}" for _ in range(n_tokens))
+    words = WORD_MODELS[name][1] - 6  # the tokenizer's regular words (its 6 special tokens come first)
+    return " ".join(f"w{rng.randrange(words)}" for _ in range(n_tokens))
 
 
 def _join(name: str, text: str) -> str:
@@ -115,7 +139,7 @@ def build_data(name: str, path: Path, seed: int = 0) -> None:
     (path / "shapes.json").write_text(json.dumps({"shapes": shape, "seed": seed}) + "\n")
 
 
-def build_all(out: Path, names=("tiny", "vocab150k")) -> None:
+def build_all(out: Path, names=("tiny", "vocab150k", "mid")) -> None:
     for name in names:
         model_dir = out / "models" / name
         if not (model_dir / "config.json").exists():

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # tether vs TRL side by side: builds the benchmark environment on first use, then runs bench/bench.py.
 #
-#   bash bench/run.sh            # full run (~15 minutes on 2 cores): writes bench/results.json and bench/results.md
-#   bash bench/run.sh --quick    # smoke run (~3 minutes): tiny model, 2 repeats, fewer steps
-#   bash bench/run.sh --help     # every option (threads, repeats, models, workloads, levers)
+#   bash bench/run.sh            # full run (~25 minutes on 2 idle cores): tiny, vocab150k and mid rows, mid
+#                                # ablations and LoRA rows, then bench/learning.py; writes bench/results.json,
+#                                # bench/results.md and bench/learning.png
+#   bash bench/run.sh --quick    # smoke run (~6 minutes): every row, 1-2 repeats, fewer steps, a short learning run
+#   bash bench/run.sh --help     # every option (threads, repeats, models, workloads, levers, ablations, learning)
+#   bash bench/gpu.sh            # the GPU variant (bf16, CUDA, a 0.5B shape): bench/results_gpu.json
 #
 # The environment is bench/.venv-trl: the CPU torch build pinned below, TRL pinned below, and tether itself
 # installed editable from this checkout, so one interpreter (same torch, same transformers) runs both

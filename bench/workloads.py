@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,6 +39,8 @@ class Clock:
         self._optimizer_start = None
 
     def mark(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a step ends when its kernels have
         self.marks.append((time.perf_counter(), time.process_time(), dict(self.totals)))
 
     def timed(self, fn, stage: str):
@@ -96,7 +99,9 @@ def run(job: dict) -> dict:
     setup(job)
     for lever in job.get("levers", []):  # bench/levers/<name>.py: a proposed tether change, patched in
         importlib.import_module(f"levers.{lever}").apply()
-    fn = globals()[f"{job['lib']}_{job['workload']}"]
+    # the job's function: <lib>_<workload> in this module, or in `module` (e.g. learning.py's jobs)
+    module = importlib.import_module(job["module"]) if job.get("module") else sys.modules[__name__]
+    fn = getattr(module, f"{job['lib']}_{job['workload']}")
     rss_start = _rss_mb()
     out_dir = Path(job["out_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -106,6 +111,8 @@ def run(job: dict) -> dict:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     result["rss_start_mb"] = rss_start
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["torch_threads"] = torch.get_num_threads()
     if job["lib"] == "tether":
         import tether
@@ -125,11 +132,22 @@ def _rss_mb() -> float:
 
 
 def _tether_common(job: dict) -> dict:
+    lora = job.get("lora")
+    lora_options = {"lora": {key: lora[key] for key in ("r", "alpha", "target_modules")}} if lora else {}
     return dict(model=job["model"], output_dir=str(Path(job["out_dir"]) / "run"),
                 max_steps=job["warmup"] + job["steps"] + 1, batch_size=job.get("batch_size", 0),
                 learning_rate=job["learning_rate"], lr_scheduler="constant", seed=job.get("seed", 0),
                 max_length=job.get("max_length", 512), report_to=[], progress=False, log_steps=10**9,
-                save_steps=0, **job.get("tether_options", {}))
+                save_steps=0, device=job.get("device", "cpu"), dtype=job.get("dtype", "float32"), **lora_options,
+                **job.get("tether_options", {}))
+
+
+def _tether_config(cls, **values):
+    """A recipe config through `tether.config.load_config`, the way a YAML file and `key=value` overrides are read
+    (nested keys such as `lora` given as mappings)."""
+    from tether.config import load_config
+
+    return load_config(cls, overrides=values)
 
 
 def _tether_train(job: dict, recipe, config, clock: Clock | None = None) -> dict:
@@ -151,7 +169,7 @@ def _tether_train(job: dict, recipe, config, clock: Clock | None = None) -> dict
 def tether_sft(job: dict) -> dict:
     from tether.recipes import sft
 
-    config = sft.SFTConfig(data=str(Path(job["data_dir"]) / "sft.jsonl"), **_tether_common(job))
+    config = _tether_config(sft.SFTConfig, data=str(Path(job["data_dir"]) / "sft.jsonl"), **_tether_common(job))
     return _tether_train(job, sft, config)
 
 
@@ -161,8 +179,8 @@ def tether_dpo(job: dict) -> dict:
     # precompute_ref=false: the reference forward runs in every step, as in TRL's default; tether's default
     # (precompute once before training) is measured separately as a lever in docs/benchmarks.md.
     options = {"precompute_ref": False, **job.get("tether_options", {})}
-    config = dpo.DPOConfig(data=str(Path(job["data_dir"]) / "dpo.jsonl"), loss="dpo", beta=job["beta"],
-                           **{**_tether_common(job), **options})
+    config = _tether_config(dpo.DPOConfig, data=str(Path(job["data_dir"]) / "dpo.jsonl"), loss="dpo",
+                            beta=job["beta"], **{**_tether_common(job), **options})
     return _tether_train(job, dpo, config)
 
 
@@ -192,22 +210,22 @@ def tether_grpo(job: dict) -> dict:
             return params
 
         grpo.sampling_params = fixed_length
-    config = grpo.GRPOConfig(data=str(Path(job["data_dir"]) / "prompts.jsonl"),
-                             **{**common, **options, **job.get("tether_options", {})})
+    config = _tether_config(grpo.GRPOConfig, data=str(Path(job["data_dir"]) / "prompts.jsonl"),
+                            **{**common, **options, **job.get("tether_options", {})})
     clock = Clock()
     sampler_module.BuiltinSampler.generate = clock.timed(sampler_module.BuiltinSampler.generate, "generate")
     return _tether_train(job, grpo, config, clock)
 
 
 def tether_generate(job: dict) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tether.rollout import SamplingParams, get_sampler
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    model = _load_for_generation(job)
     prompts = [row["prompt"] for row in read_jsonl(Path(job["data_dir"]) / "prompts.jsonl")][: job["prompts_per_step"]]
-    sampler = get_sampler("builtin", model, tokenizer, **job.get("tether_options", {}))
+    sampler = get_sampler(job.get("engine", "builtin"), model, tokenizer, **job.get("tether_options", {}))
     params = SamplingParams(n=job["group_size"], temperature=1.0, max_new_tokens=job["max_new_tokens"],
                             min_new_tokens=job["max_new_tokens"], seed=job.get("seed", 0))
     clock = Clock()
@@ -224,18 +242,40 @@ def tether_generate(job: dict) -> dict:
 # ----------------------------------------------------------------------------- TRL
 
 
+def _load_for_generation(job: dict):
+    """The benchmark model for a generation job, on the job's device in its dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, job.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).to(job.get("device", "cpu"))
+    return model.eval()
+
+
 def _trl_common(job: dict) -> dict:
     micro = job.get("trl_micro_batch") or job.get("batch_size")
     return dict(output_dir=str(Path(job["out_dir"]) / "run"), max_steps=job["warmup"] + job["steps"] + 1,
                 per_device_train_batch_size=micro, gradient_accumulation_steps=job.get("trl_accumulation", 1),
                 learning_rate=job["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
                 seed=job.get("seed", 0), data_seed=job.get("seed", 0), report_to="none", save_strategy="no",
-                eval_strategy="no", logging_steps=10**9, disable_tqdm=True, use_cpu=True,
-                dataloader_num_workers=0,
+                eval_strategy="no", logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0,
+                use_cpu=job.get("device", "cpu") == "cpu",
                 # TRL defaults that would change the work: bf16 autocast and gradient checkpointing are on by
                 # default in TRL 1.x trainers; tether runs fp32 without checkpointing, so both are turned off.
-                bf16=False, gradient_checkpointing=False,
-                model_init_kwargs={"dtype": "float32"}, **job.get("trl_options", {}))
+                bf16=job.get("dtype") == "bfloat16", gradient_checkpointing=False,
+                model_init_kwargs={"dtype": job.get("dtype", "float32")}, **job.get("trl_options", {}))
+
+
+def _trl_peft(job: dict) -> dict:
+    """The trainer's `peft_config` for a LoRA job (adapters on the same modules as tether's), else nothing. With
+    an adapter and no reference model given, TRL's reference is the policy with the adapter switched off, as
+    tether's is."""
+    lora = job.get("lora")
+    if not lora:
+        return {}
+    from peft import LoraConfig
+
+    return {"peft_config": LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")}
 
 
 def _trl_train(job: dict, trainer, clock: Clock | None = None) -> dict:
@@ -269,7 +309,7 @@ def trl_dpo(job: dict) -> dict:
 
     dataset = load_dataset("json", data_files=str(Path(job["data_dir"]) / "dpo.jsonl"), split="train")
     args = DPOConfig(max_length=job.get("max_length", 512), beta=job["beta"], **_trl_common(job))
-    trainer = DPOTrainer(model=job["model"], args=args, train_dataset=dataset)
+    trainer = DPOTrainer(model=job["model"], args=args, train_dataset=dataset, **_trl_peft(job))
     return _trl_train(job, trainer)
 
 
@@ -287,7 +327,8 @@ def trl_grpo(job: dict) -> dict:
     args = GRPOConfig(num_generations=job["group_size"], max_completion_length=n, beta=job["beta"],
                       generation_kwargs={"min_new_tokens": n}, temperature=1.0, top_p=1.0, top_k=0,
                       **common)
-    trainer = GRPOTrainer(model=job["model"], args=args, train_dataset=dataset, reward_funcs=reward.reward)
+    trainer = GRPOTrainer(model=job["model"], args=args, train_dataset=dataset, reward_funcs=reward.reward,
+                          **_trl_peft(job))
     clock = Clock()
     from transformers import GenerationMixin
 
@@ -297,18 +338,17 @@ def trl_grpo(job: dict) -> dict:
 
 def trl_generate(job: dict) -> dict:
     """The HF `generate` call a user (or TRL's GRPOTrainer without vLLM) makes: tokenize, generate, decode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"], padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
-    model.eval()
+    model = _load_for_generation(job)
     prompts = [row["prompt"] for row in read_jsonl(Path(job["data_dir"]) / "prompts.jsonl")][: job["prompts_per_step"]]
     n = job["max_new_tokens"]
     clock = Clock()
     torch.manual_seed(job.get("seed", 0))
 
     def generate():
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             output = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                     max_new_tokens=n, min_new_tokens=n, num_return_sequences=job["group_size"],

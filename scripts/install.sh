@@ -13,8 +13,8 @@ CPU_INDEX=${TETHER_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 pip_install() {
     if [ "${TETHER_INSTALL_DRY_RUN:-0}" = 1 ]; then
         echo "pip install $*"
-    else
-        "$PY" -m pip install --quiet "$@"
+    else  # up to 3 tries: a download cut short (a hash mismatch) on a flaky network is not a reason to stop
+        "$PY" -m pip install --quiet "$@" || "$PY" -m pip install --quiet "$@" || "$PY" -m pip install --quiet "$@"
     fi
 }
 

@@ -18,7 +18,7 @@ from tether.online import global_counts
 from tether.rollout import SamplingParams, get_sampler
 
 TINY = "tiny:hidden_size=64,intermediate_size=128,num_hidden_layers=2"
-TIMING = ("step_time", "tokens_per_s")
+TIMING = ("step_time", "tokens_per_s", "peak_memory_mb", "peak_rss_mb")  # machine-dependent
 
 
 def digit_fraction(prompts, completions, **columns):

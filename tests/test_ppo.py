@@ -15,7 +15,7 @@ from tether.recipes import ppo
 from tether.recipes.ppo import PPOConfig
 
 TINY = "tiny:hidden_size=64,intermediate_size=128,num_hidden_layers=2"
-TIMING = ("step_time", "tokens_per_s")
+TIMING = ("step_time", "tokens_per_s", "peak_memory_mb", "peak_rss_mb")  # machine-dependent
 
 
 def digit_fraction(prompts, completions, **columns):
@@ -147,3 +147,15 @@ def test_config_errors_and_help(capsys):
     for key in ("critic", "critic_model", "reward_model", "gamma", "lam", "whiten_advantages", "value_clip",
                 "value_coef", "kl_controller", "kl_target", "kl_horizon", "entropy_coef", "ppo_epochs"):
         assert f"  {key} (" in out, key
+
+
+def test_async_rollouts_run_on_the_shared_core(prompts_file, tmp_path):
+    """async_rollouts is an OnlineConfig key: PPO gets it from the shared core too. The worker samples one step
+    ahead (the first batch fresh, then at most one update behind, and at least once behind), and π_old is
+    recomputed on the trained weights (not the stale sampler's log-probs), so with one epoch and one minibatch
+    every step's policy ratio is 1."""
+    ppo.train(make_config(prompts_file, tmp_path / "run", "max_steps=4", "async_rollouts=1", "ppo_epochs=1"))
+    rows = read_metrics(tmp_path / "run")
+    staleness = [row["staleness"] for row in rows]
+    assert staleness[0] == 0 and all(lag in (0, 1) for lag in staleness) and 1 in staleness, staleness
+    assert all(abs(row["ratio_mean"] - 1) < 1e-4 for row in rows), [row["ratio_mean"] for row in rows]

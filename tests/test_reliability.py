@@ -19,7 +19,7 @@ from tether.recipes import sft
 from tether.runtime import checkpoint as ckpt
 from tether.runtime.optim import NonFiniteLossError, StepGuard
 
-TIMING_KEYS = {"step_time", "tokens_per_s"}
+TIMING_KEYS = {"step_time", "tokens_per_s", "peak_memory_mb", "peak_rss_mb"}
 MODEL = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=2"
 
 

@@ -47,7 +47,7 @@ from tether.runtime.logger import RunLogger
 from tether.runtime.optim import build_optimizer, build_scheduler
 
 MODEL = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=2"
-TIMING_KEYS = {"step_time", "tokens_per_s"}  # and every "time/..." key
+TIMING_KEYS = {"step_time", "tokens_per_s", "peak_memory_mb", "peak_rss_mb"}  # and every "time/..." key
 
 
 # ----------------------------------------------------------------------------- kill and resume, as processes

@@ -312,7 +312,8 @@ def test_params_validation_and_unknown_engine(model, tok):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_vllm_missing_is_a_clear_error(model, tok):
-    with pytest.raises(ImportError, match=r"pip install 'tether\[vllm\]' \(CUDA only\)"):
+    with pytest.raises(ImportError, match=r"pip install 'tether\[vllm\]' on CUDA, or on CPU run "
+                                          r"scripts/install_vllm.sh"):
         get_sampler("vllm", model, tok)
 
 

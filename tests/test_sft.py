@@ -13,7 +13,7 @@ from tether.runtime.checkpoint import complete_checkpoints
 from tether.runtime.run import Run
 
 PAIRS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "owl": "hoot", "bee": "buzz"}
-TIMING_KEYS = {"step_time", "tokens_per_s"}
+TIMING_KEYS = {"step_time", "tokens_per_s", "peak_memory_mb", "peak_rss_mb"}
 
 
 def write_task(tmp_path):

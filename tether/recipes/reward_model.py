@@ -21,9 +21,8 @@ import torch
 
 from tether.config.reward_model import RewardModelConfig
 from tether.data.batching import split_micro_batches
-from tether.data.loading import load_rows
+from tether.data.preference import collate_pairs, load_pairs
 from tether.data.splits import split_held_out
-from tether.data.preference import build_preference_pairs, collate_pairs
 from tether.losses import bradley_terry_loss
 from tether.models.value import load_reward_model, sequence_rewards
 from tether.runtime import distributed
@@ -32,14 +31,6 @@ from tether.runtime.run import Run, autocast
 log = logging.getLogger("tether")
 
 PAIR_METRICS = ("accuracy", "margin", "rewards_chosen", "rewards_rejected")
-
-
-def load_pairs(config, tokenizer, source: str):
-    pairs, _ = build_preference_pairs(load_rows(source, config.data_split), tokenizer, source=source,
-                                      max_length=config.max_length, overlong=config.overlong,
-                                      chat_template=config.chat_template, skip_bad_rows=config.skip_bad_rows,
-                                      margin_column=config.margin_column)
-    return pairs
 
 
 def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -107,7 +107,7 @@ def sample_and_filter(config: RFTConfig, sampler_name: str, rows, reward_set, ro
     `kept`) and round_dir/kept.jsonl (the SFT data). Every rank samples its share; rank 0 writes."""
     model, tokenizer = load_sampling_model(sampler_name, config.device, config.dtype, config.seed)
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set, seed=seed,
-                               chat_template=config.chat_template, source=config.data)
+                               chat_template=config.chat_template, engine=config.rollout_engine, source=config.data)
     del model
     gc.collect()
     all_rows, kept_rows = [], []
@@ -136,7 +136,8 @@ def mean_reward(config: RFTConfig, model_name: str, rows: list[dict], reward_set
     """Mean reward of the model's samples on held-out prompts (sampling as configured)."""
     model, tokenizer = load_sampling_model(model_name, config.device, config.dtype, config.seed)
     samples = sample_and_score(model, tokenizer, rows, sampling=config.sampling, rewards=reward_set,
-                               seed=config.seed, chat_template=config.chat_template, source=config.eval_data)
+                               seed=config.seed, chat_template=config.chat_template,
+                               engine=config.rollout_engine, source=config.eval_data)
     rewards = [s["reward"] for prompt_samples in samples for s in prompt_samples if s["reward"] is not None]
     mean = sum(rewards) / len(rewards) if rewards else None
     log.info("eval reward mean of %s: %s", model_name, number(mean))

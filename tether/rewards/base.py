@@ -55,6 +55,7 @@ _REGISTRY: dict[str, str | Callable[..., RewardFn]] = {
     "language": "tether.rewards.language:make_language_reward",
     "code": "tether.rewards.code:make_code_reward",
     "reward_model": "tether.rewards.reward_model:make_reward_model_reward",
+    "preference_model": "tether.rewards.preference_model:make_preference_model_reward",
     "judge": "tether.rewards.judge:make_judge_reward",
 }
 

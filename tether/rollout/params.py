@@ -4,7 +4,6 @@ config section that builds it. Plain Python (no torch), so configs can hold and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tether.config import ConfigError
 
@@ -73,8 +72,6 @@ class SamplingConfig:
     """Strings that end a completion (cut from the text)."""
     batch_size: int = 16
     """Prompts per generate call (each with n samples)."""
-    engine: Literal["builtin", "vllm"] = "builtin"
-    """Sampling engine: the built-in KV-cache sampler, or vLLM (CUDA, when installed)."""
 
     def params(self, seed: int) -> SamplingParams:
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

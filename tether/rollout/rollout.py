@@ -101,21 +101,28 @@ def generate_and_score(sampler, reward_set, prompts: list[Prompt], params: Sampl
             samples = generate_episodes(sampler, [p.ids for p in prompts],
                                         [{"prompt": p.prompt, **p.columns} for p in prompts], episodes.make_env,
                                         params, max_turns=episodes.max_turns, max_turn_tokens=episodes.max_turn_tokens)
+    return score_samples(reward_set, prompts, samples, params.n, timer)
+
+
+def score_samples(reward_set, prompts: list[Prompt], samples: RolloutBatch, group_size: int, timer,
+                  **extra_columns: list) -> Rollout:
+    """Score sampled completions: the reward functions get each row's prompt columns, `completion_ids`,
+    `completion_lengths` and `extra_columns` (one value per completion, e.g. an opponent's completion)."""
     with timer.section("scoring"):
         rows = [prompts[i] for i in samples.prompt_index]
         columns = {key: [p.columns[key] for p in rows] for key in (prompts[0].columns if prompts else {})}
         columns["completion_ids"] = samples.completion_ids
         columns["completion_lengths"] = [len(ids) for ids in samples.completion_ids]
-        if isinstance(samples, EpisodeBatch):
+        if isinstance(samples, EpisodeBatch):  # the environments' rewards, for the `env` reward function
             columns["env_rewards"] = samples.env_rewards
-        scores = reward_set([p.prompt for p in rows], samples.completions, **columns)
-    return Rollout(list(prompts), samples, scores, params.n)
+        scores = reward_set([p.prompt for p in rows], samples.completions, **columns, **extra_columns)
+    return Rollout(list(prompts), samples, scores, group_size)
 
 
 def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStream, params: SamplingParams, *,
                    batch_size: int, seed: int, step: int, timer, dynamic_sampling: bool = False,
-                   max_tries: int = 1, chunk_size: int = 0,
-                   episodes: EpisodeOptions | None = None) -> tuple[Rollout, Rollout, dict]:
+                   max_tries: int = 1, chunk_size: int = 0, generate=generate_and_score
+                   ) -> tuple[Rollout, Rollout, dict]:
     """This rank's rollout for one step: batch_size prompts (over all ranks) × params.n completions.
 
     The rank's prompts are sampled `chunk_size` at a time (0: all at once), each call seeded from (seed, step,
@@ -124,7 +131,9 @@ def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStr
     With dynamic sampling (DAPO, Yu et al. 2025, eq. 11) groups whose rewards are all equal are dropped and
     more prompts are sampled, up to `max_tries` rounds; if the batch is still short it is filled with
     dropped groups (advantage 0), so every step has the same shape. Returns (rollout to train on, every
-    rollout sampled this step (for reward metrics), metrics)."""
+    rollout sampled this step (for reward metrics), metrics). `generate(sampler, reward_set, prompts, params,
+    timer) -> Rollout` samples and scores one chunk (`generate_and_score`; a recipe may sample more with it,
+    e.g. Nash-MD's opponents)."""
     reward_set.step = step + 1  # named if a reward function runs past its time limit
     local_size = batch_size // distributed.world_size()
     chunk_size = chunk_size or local_size
@@ -134,9 +143,8 @@ def sample_rollout(sampler, reward_set, prompts: list[Prompt], stream: PromptStr
         tries += 1
         chosen = distributed.shard([prompts[i] for i in stream.take(batch_size)])
         rollout = Rollout.concat([
-            generate_and_score(sampler, reward_set, chosen[start:start + chunk_size],
-                               dataclasses.replace(params, seed=derive_seed(seed, step, attempt, first + start)), timer,
-                               episodes)
+            generate(sampler, reward_set, chosen[start:start + chunk_size],
+                               dataclasses.replace(params, seed=derive_seed(seed, step, attempt, first + start)), timer)
             for start in range(0, local_size, chunk_size)])
         sampled.append(rollout)
         if not dynamic_sampling:

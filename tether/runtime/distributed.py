@@ -22,6 +22,7 @@ from tether.ops import masked_whiten
 log = logging.getLogger("tether")
 
 _timeout_s: float | None = None  # the process group's collective timeout, for the failure message
+_owned_group = [False]  # did `init` make the process group (and so must leave it)?
 
 
 def world_size() -> int:
@@ -59,6 +60,7 @@ def init(timeout_s: float = 600.0) -> None:
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     _timeout_s = timeout_s
+    _owned_group[0] = True
     atexit.register(shutdown)
     if not is_main():  # one copy of the run's info lines, from rank 0; warnings still come from every rank
         log.setLevel(logging.WARNING)
@@ -66,8 +68,11 @@ def init(timeout_s: float = 600.0) -> None:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group `init` joined. A group someone else made is left alone: an in-process vLLM
+    engine makes a one-rank group of its own and tears it down at exit itself."""
+    if _owned_group[0] and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _owned_group[0] = False
 
 
 def exit_worker(code: int) -> None:
@@ -79,7 +84,7 @@ def exit_worker(code: int) -> None:
     teardown, where stopping gloo's threads sometimes aborts the finished process ("terminate called without an
     active exception", SIGABRT) and torchrun reports the whole job as failed.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (_owned_group[0] and dist.is_available() and dist.is_initialized()):
         return
     shutdown()
     atexit._run_exitfuncs()

@@ -4,6 +4,7 @@ distributed wrapping (DDP / FSDP2), checkpoints and exact resume."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from tether.runtime.checkpoint import (gather_model_state, gather_optimizer_stat
                                        load_checkpoint, save_checkpoint, save_model_folder)
 from tether.runtime.device import choose_device, choose_dtype, rng_state, seed_everything
 from tether.runtime.logger import RunLogger
+from tether.runtime.memory import peak_memory
 from tether.runtime.optim import StepGuard, build_optimizer, build_scheduler
 
 log = logging.getLogger("tether")
@@ -82,6 +84,7 @@ class Run:
         self.optimizer_ = self.scheduler_ = None
         self._step_start = time.perf_counter()
         self._first_step = 0
+        self.start_time, self.steps_done = time.time(), 0
 
     def load_model(self, load=None):
         """The trainable model of `config.model` (with `config.lora`, seeded) on the run's device, with
@@ -158,7 +161,7 @@ class Run:
                 start_step, extra = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
                 self.guard.load_state_dict(extra.get("guard", self.guard.state_dict()))
                 log.info("resumed from %s (step %d)", path, start_step)
-        self._first_step = start_step
+        self._first_step = self.steps_done = start_step
         if self.main:
             write_config(self.config, self.dir / "config.yaml")
         self.logger = RunLogger(self.dir, total_steps=total_steps, start_step=start_step,
@@ -172,7 +175,8 @@ class Run:
         elapsed = time.perf_counter() - self._step_start
         self._step_start = time.perf_counter()
         metrics = {k: _whole(v) for k, v in metrics.items()}
-        metrics.update({"lr": self.scheduler_.get_last_lr()[0], "step_time": elapsed})
+        metrics.update({"lr": self.scheduler_.get_last_lr()[0], "step_time": elapsed, **peak_memory(self.device)})
+        self.steps_done = step
         if tokens:
             metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         if self.guard.skipped:
@@ -212,7 +216,10 @@ class Run:
         """Save `final/` (a Hugging Face folder; LoRA merged, the adapter also kept in `adapter/`)."""
         final = self.dir / "final"
         model_state = gather_model_state(model)  # whole weights from FSDP shards; None otherwise
-        if self.main:
+        if self.main:  # summary.json: the run's peak memory, wall time and steps
+            (self.dir / "summary.json").write_text(json.dumps({
+                "steps": self.steps_done, "wall_time_s": round(time.time() - self.start_time, 2),
+                **peak_memory(self.device)}, indent=2) + "\n")
             from tether.models import is_peft, unwrap
 
             if is_peft(unwrap(model)):
