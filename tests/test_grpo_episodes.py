@@ -129,3 +129,16 @@ def test_eval_over_episodes(tmp_path):
     assert result["metrics"]["episode/turns_mean"] == pytest.approx(
         sum(sum(t["role"] == "model" for t in s["episode"]["turns"]) for s in samples) / 12)
     assert result["metrics"]["episode/turns_mean"] > 1.0  # several turns happened
+
+
+def test_bad_env_is_a_config_error_before_torch_loads():
+    """The env keys live on the torch-free OnlineConfig: a bad `env` exits 2 before torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tether.cli import main\n"
+            "rc = main(['grpo', 'model=tiny', 'data=x.jsonl', 'rewards=[{name: math}]', 'env=calculater'])\n"
+            "print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "config key 'env': 'calculater' is unknown" in result.stderr
