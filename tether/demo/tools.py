@@ -4,7 +4,8 @@ reliably in its head.
 1. make a multiplication task (a × b, 2 <= a <= 9, 10 <= b <= 99) with a held-out split no training row touches;
 2. cold-start SFT on a few traces, most calling the calculator
    `<calculator>a*b</calculator>` → `<output>p</output>` → `<answer>p</answer>`, half answering directly
-   `<answer>p</answer>` (a guess the model cannot compute), one in four;
+   `<answer>p</answer>` (a guess the model cannot compute), one in four; the calculator's output is context
+   only (an SFT segment with `train: false`), as the observation tokens are in the RL episodes;
 3. evaluate held-out accuracy with the calculator (episodes) and without it (one completion), and the
    tool-call rate;
 4. GRPO on episodes with the calculator (`env: calculator`; only the model's own tokens carry loss),
@@ -50,7 +51,7 @@ class Size:
     grpo_lr: float
     eval_n: int         # samples per held-out problem (greedy when 1, else temperature 1)
     direct_every: int = 4  # every k-th SFT trace answers directly (no tool): the rest call the calculator
-    mask_tool_output: bool = False  # cold start: the calculator's output is context only (train: false)
+    mask_tool_output: bool = True  # cold start: the calculator's output is context only (train: false)
     model: str = "tiny:reasoning_tags=1"
 
 
