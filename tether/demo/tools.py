@@ -3,7 +3,7 @@ reliably in its head.
 
 1. make a multiplication task (a × b, 2 <= a <= 9, 10 <= b <= 99) with a held-out split no training row touches;
 2. cold-start SFT on a few traces, most calling the calculator
-   `<calculator>a*b</calculator>` → `<output>p</output>` → `<answer>p</answer>`, half answering directly
+   `<calculator>a*b</calculator>` → `<output>p</output>` → `<answer>p</answer>`, some answering directly
    `<answer>p</answer>` (a guess the model cannot compute), one in four; the calculator's output is context
    only (an SFT segment with `train: false`), as the observation tokens are in the RL episodes;
 3. evaluate held-out accuracy with the calculator (episodes) and without it (one completion), and the
