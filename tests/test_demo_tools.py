@@ -4,7 +4,7 @@ instead of 40): the calculator is what makes the task solvable, before and after
 Greedy accuracy on 100 held-out problems. Measured at this size over seeds 0 / 1 / 2 (docs/tools.md), with
 the calculator minus without: after SFT 0.89 / 0.19 / 0.93, after GRPO 0.89 / 0.16 / 0.93; tool-call rate
 1.00 in every run. GAP sits below the smallest of those six (0.16). No RL gain is asserted: none was shown
-over 3 seeds. Slow: about 4 minutes with three such runs sharing 2 cores (one run alone is faster)."""
+over 3 seeds. Slow: 75 s on one thread (about 240 s with three runs sharing the 2 cores)."""
 
 import json
 
