@@ -190,13 +190,18 @@ def gae_reference(rewards, values, mask, gamma, lam):
     return torch.tensor(advantages)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("side", ["right", "left", "holes"])
 def test_gae_matches_reference_loop_on_padded_batch(side):
+    """Right/left padding, and episodes (holes: observation tokens between model turns, which the reference
+    skips: the token before a hole bootstraps from the next valid one)."""
     g = torch.Generator().manual_seed(0)
     B, T = 5, 7
     lengths = torch.tensor([7, 3, 1, 5, 0])
     positions = torch.arange(T)
     mask = positions < lengths[:, None] if side == "right" else positions >= (T - lengths)[:, None]
+    if side == "holes":
+        mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0], [1, 0, 1, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0, 1],
+                             [1, 1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0]]).bool()
     rewards = torch.randn(B, T, generator=g)
     values = torch.randn(B, T, generator=g)
     values[~mask] = NAN  # garbage at padding must not leak

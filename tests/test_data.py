@@ -43,6 +43,21 @@ def test_prompt_completion_mask_covers_completion_and_eos(tok):
     assert ex.loss_mask == [0, 0, 0, 0, 1, 1]
 
 
+def test_completion_segments_mask_the_tool_output(tok):
+    """A completion in text segments: "train": false (a tool's output) is context only; the rest and EOS are
+    learned. Hand-built: "2*3=" (4 tokens, unlearned), "<c>" 3 learned, "6" unlearned, "!" learned, EOS learned."""
+    row = {"prompt": "2*3=", "completion": [{"text": "<c>"}, {"text": "6", "train": False}, {"text": "!"}]}
+    ex = build_sft_examples([row], tok, source="mem", max_length=64)[0][0]
+    assert tok.decode(ex.input_ids) == "2*3=<c>6!</s>"
+    assert ex.loss_mask == [0, 0, 0, 0, 1, 1, 1, 0, 1, 1]
+    plain = build_sft_examples([{"prompt": "2*3=", "completion": "<c>6!"}], tok, source="mem", max_length=64)[0][0]
+    assert plain.input_ids == ex.input_ids  # the same tokens: only the mask differs
+    for bad, says in [([{"text": "6", "train": False}], "nothing to learn"), ([{"text": ""}], "non-empty string"),
+                      ([{"text": "a", "train": "no"}], "train: true|false")]:
+        with pytest.raises(DataError, match=says):
+            build_sft_examples([{"prompt": "p", "completion": bad}], tok, source="mem", max_length=64)
+
+
 def test_messages_mask_only_assistant_turns(tok):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                 {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},

@@ -266,7 +266,8 @@ def test_a_batch_of_slow_answers_ends_within_timeout_times_batches_per_worker():
     worker took (TIMEOUT + restart) * n. Right answers ahead of the slow ones are still judged."""
     reward = get_reward("math", timeout=TIMEOUT, workers=2)
     assert reward(["q"] * 2, [r"\boxed{1}", "2"], answer=["1", "1"]) == [1.0, 0.0]  # both workers started
-    slow = [r"\boxed{(%d+1)^{(%d+1)^{9}}}" % (a, a) for a in range(4, 10)]
+    # 7^(7^9) and up: over 1 s on a quiet CPU too (5^(5^9) verifies within 1 s when the machine is idle)
+    slow = [r"\boxed{(%d+1)^{(%d+1)^{9}}}" % (a, a) for a in range(6, 12)]
     completions = [r"\boxed{3}", r"\boxed{4}", *slow]
     start = time.monotonic()
     scores = reward(["q"] * 8, completions, answer=["3"] * 8)

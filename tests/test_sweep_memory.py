@@ -13,6 +13,7 @@ from tether.sweep import gold_metric, run_dir_name, summarise, tail_means
 
 PEAK_PROBE = """
 import torch
+from tether.runtime.memory import peak_memory, peak_rss_mb
 before = peak_rss_mb()
 block = torch.ones(64 * 2 ** 20)  # 256 MiB of float32, every page written
 after = peak_memory("cpu")["peak_memory_mb"]

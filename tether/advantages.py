@@ -215,7 +215,8 @@ def gae(
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16), batched over B.
 
     token_rewards, values, mask (B, T); the step after the last unmasked token is terminal
-    (value 0). Valid tokens must be contiguous (right- or left-padded completions).
+    (value 0). Masked positions between valid tokens (an episode's observation tokens, written by the
+    environment) are skipped: the token before them bootstraps from the next valid token, as one step.
       delta_t = r_t + gamma * V_{t+1} - V_t
       A_t     = delta_t + gamma * lam * A_{t+1}
     Returns (advantages, returns = advantages + values), both (B, T) and 0 at masked positions.
@@ -232,7 +233,8 @@ def gae(
         advantage = delta + gamma * lam * next_advantage  # (B,) GAE recursion
         advantage = torch.where(valid[:, t], advantage, torch.zeros_like(advantage))
         advantages[:, t] = advantage
-        next_value, next_advantage = values[:, t], advantage  # masked positions pass on 0
+        next_value = torch.where(valid[:, t], values[:, t], next_value)  # masked positions are skipped
+        next_advantage = torch.where(valid[:, t], advantage, next_advantage)
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
 

@@ -17,6 +17,7 @@ ranks in `tether.runtime.distributed`, the formulas in `tether.losses` and `teth
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch import Tensor
 from tether.config import ConfigError
 from tether.config.online import OnlineConfig
 from tether.data.batching import derive_seed, split_micro_batches
+from tether.envs import env as env_reward, get_env
 from tether.kl_control import AdaptiveKLController, FixedKLController
 from tether.losses import kl_estimate, sequence_kl
 from tether.models import unwrap
@@ -36,6 +38,7 @@ from tether.models.forward import completion_forward, logprob_fn, scoring_pass, 
 from tether.models.reference import Reference
 from tether.rewards import RewardResult, RewardSet
 from tether.rollout import SamplingParams, get_sampler
+from tether.rollout.episodes import EpisodeBatch, EpisodeOptions
 from tether.rollout.async_queue import RolloutQueue
 from tether.rollout.params import sampling_params as params_from_keys
 from tether.rollout.prompts import Prompt, PromptStream, load_prompt_sets
@@ -247,7 +250,7 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     `OnlineRun.generate` for a rollout of its own)."""
     check_strategy(config)
     model, tokenizer = run.load_model()
-    reward_set = RewardSet(config.rewards) if reward_set is None else reward_set
+    reward_set = RewardSet(reward_specs(config)) if reward_set is None else reward_set
     prompts, eval_prompts = load_prompt_sets(config, tokenizer, reward_set)
     reference = build_reference(model, config.kl_needed())  # before run.start loads resumed weights
     model = run.wrap(model)  # DDP under torchrun
@@ -258,8 +261,22 @@ def setup_online(run: Run, config: OnlineConfig, *, reward_set: RewardSet | None
     online = OnlineRun(run, config, model, tokenizer, reward_set, prompts, eval_prompts, reference,
                        build_sampler(config, sampling_policy or model, tokenizer), PromptStream(len(prompts), config.seed),
                        make_kl_controller(config), num_steps, None, None, sampling_policy=sampling_policy)
+    if config.env:  # episodes: one more rollout type; the loss mask is their model-written mask
+        online.generate = functools.partial(generate_and_score, episodes=episode_options(config))
     online.optimizer, online.scheduler = run.optimizer(model, online.total_updates)
     return online
+
+
+def reward_specs(config: OnlineConfig) -> list:
+    """The run's reward functions: `rewards`, plus the environment's own reward (`env`, weight 1) with `env`."""
+    return [*config.rewards, {"name": env_reward, "weight": 1.0}] if config.env else list(config.rewards)
+
+
+def episode_options(config: OnlineConfig) -> EpisodeOptions | None:
+    """How to roll out episodes with `config.env`, or None for single completions."""
+    if not config.env:
+        return None
+    return EpisodeOptions(get_env(config.env, **config.env_options), config.max_turns, config.max_turn_tokens)
 
 
 def linear_schedule(start: float, end: float | None, step: int, steps: int) -> float:
@@ -354,6 +371,8 @@ def rollout_metrics(sampled: Rollout, batch: Rollout, tensors: dict) -> dict:
     metrics.update({"completion_length_mean": lengths.mean(), "completion_length_max": lengths.max(),
                     "completion_length_min": lengths.min(), "truncated_frac": truncated.mean(),
                     "num_completions": float(len(lengths)), "group_size": float(batch.group_size)})
+    if isinstance(batch.samples, EpisodeBatch):  # turns, tool calls, tool errors, tool time (this rank's)
+        metrics.update(batch.samples.metrics())
     return metrics
 
 

@@ -45,9 +45,9 @@ class GRPOConfig(OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.rewards:
+        if not self.rewards and not self.env:
             raise ConfigError("config key 'rewards': GRPO needs at least one reward function, "
-                              "e.g. rewards: [{name: math, weight: 1.0}]")
+                              "e.g. rewards: [{name: math, weight: 1.0}] (or an `env` that gives rewards)")
         smallest_group = min(self.group_size, self.group_size_end or self.group_size)
         if self.advantage in GROUP_ESTIMATORS and smallest_group < 2:
             raise ConfigError(f"config key 'group_size': advantage={self.advantage} compares completions of the "

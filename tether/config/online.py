@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tether.config import ConfigError, TrainConfig, check_rewards
+from tether.envs import BUILTIN_ENVS, FORMATS, get_env
 from tether.rollout.params import SamplingKeys
 
 
@@ -92,6 +93,18 @@ class OnlineConfig(TrainConfig, SamplingKeys):
     """Mean reward on eval_data every N steps (one sample per prompt at eval_temperature); 0: only at the end."""
     eval_temperature: float = 0.0
     """Sampling temperature of the evaluation (0 = greedy)."""
+    env: str = ""
+    """Multi-turn episodes instead of single completions: calculator | python | calculator+python | single_turn |
+    path/to/file.py:Class (docs/tools.md). Observation tokens are context, never trained on; the environment's
+    rewards join the total as the reward `env` (weight 1)."""
+    env_options: dict = field(default_factory=dict)
+    """Options of the environment: format (tag | json tool calls), the python tool's timeout, memory_mb, ...; a
+    user's class gets them as keyword arguments."""
+    max_turns: int = 4
+    """Most model turns per episode (with `env`)."""
+    max_turn_tokens: int = 0
+    """Most tokens per model turn (with `env`); 0: only the episode's max_completion_length (model and
+    observation tokens together) bounds it."""
     async_rollouts: int = 0
     """k > 0: one background thread generates up to k batches ahead while the trainer updates, with weights
     up to k updates old (tether.rollout.async_queue); 0: synchronous. Resume is exact only at 0."""
@@ -127,6 +140,8 @@ class OnlineConfig(TrainConfig, SamplingKeys):
             ("dual_clip", self.dual_clip is None or self.dual_clip > 1, "must be > 1 (or null)"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
+            ("max_turns", self.max_turns >= 1, "must be >= 1"),
+            ("max_turn_tokens", self.max_turn_tokens >= 0, "must be >= 0 (0: no per-turn bound)"),
             ("async_rollouts", self.async_rollouts >= 0, "must be >= 0 (0 = synchronous)"),
             ("old_logprobs", not (self.async_rollouts and self.old_logprobs == "sampler"),
              "async_rollouts samples with older weights, so π_old must be recomputed: use auto or recompute"),
@@ -135,6 +150,21 @@ class OnlineConfig(TrainConfig, SamplingKeys):
             if not ok:
                 raise ConfigError(f"config key '{key}': {message}, got {getattr(self, key)!r}")
         check_rewards(self.rewards)
+        self.check_env()
+
+    def check_env(self) -> None:
+        """`env` names a built-in or a user's file:Class (imported now, so a typo fails before any work)."""
+        if self.env_options.get("format", "tag") not in FORMATS:
+            raise ConfigError(f"config key 'env_options.format': must be one of {', '.join(FORMATS)}, got "
+                              f"{self.env_options['format']!r}")
+        if self.env and ":" not in self.env and self.env not in BUILTIN_ENVS:
+            raise ConfigError(f"config key 'env': {self.env!r} is unknown; use one of {', '.join(BUILTIN_ENVS)} "
+                              "or path/to/file.py:Class")
+        if self.env:
+            try:
+                get_env(self.env, **self.env_options)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"config key 'env': {err}") from None
 
     def kl_needed(self) -> bool:
         """Whether any step can use the reference: β > 0 (an adaptive β starts > 0 and stays > 0)."""

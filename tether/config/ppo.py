@@ -43,9 +43,9 @@ class PPOConfig(OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.rewards and not self.reward_model:
+        if not self.rewards and not self.reward_model and not self.env:
             raise ConfigError("config key 'rewards': PPO needs a reward: set reward_model (a folder) or rewards "
-                              "(e.g. [{name: math, weight: 1.0}])")
+                              "(e.g. [{name: math, weight: 1.0}]) (or an `env` that gives rewards)")
         if self.critic == "shared" and self.critic_model:
             raise ConfigError("config key 'critic_model': a shared critic is a head on the policy; leave "
                               "critic_model empty or set critic=separate")

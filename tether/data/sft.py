@@ -53,11 +53,11 @@ def _require_string(row: dict, key: str, source: str, index: int, *, allow_empty
 
 
 def text_characters(value) -> int:
-    """Non-whitespace characters of a text: a string, a message's `content`, or a list of those."""
+    """Non-whitespace characters of a text: a string, a message's `content`, a segment's `text`, or a list."""
     if isinstance(value, str):
         return len(value) - sum(value.count(space) for space in " \n\t\r")
-    if isinstance(value, dict):
-        return text_characters(value.get("content"))
+    if isinstance(value, dict):  # a message, or a completion segment ({text, train})
+        return text_characters(value.get("content", value.get("text")))
     if isinstance(value, (list, tuple)):
         return sum(text_characters(item) for item in value)
     return 0
@@ -123,6 +123,36 @@ def encode_prompt_completion(tokenizer, prompt, completion, *, chat_template: st
     return prompt_ids, completion_ids
 
 
+def is_segments(completion) -> bool:
+    """A completion given as text segments, [{"text": ..., "train": false}, ...] (no "role": not messages)."""
+    return (isinstance(completion, list) and bool(completion)
+            and all(isinstance(item, dict) and "text" in item and "role" not in item for item in completion))
+
+
+def encode_segments(tokenizer, prompt, segments: list[dict], *, chat_template: str = "auto", source: str = "",
+                    row: int = 0, learn_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a prompt and a completion in text segments, each tokenized on its own (as a multi-turn
+    rollout tokenizes the model's turns and the observations between them); a segment with "train": false
+    (a tool's output, an environment's observation) is context, not learned. EOS ends the completion, learned."""
+    for position, segment in enumerate(segments):
+        field_name = f"completion[{position}]"
+        if not isinstance(segment["text"], str) or not segment["text"]:
+            raise DataError(source, "a segment's 'text' must be a non-empty string", row, field_name)
+        if not isinstance(segment.get("train", True), bool) or set(segment) - {"text", "train"}:
+            raise DataError(source, "a segment is {text: str, train: true|false} (train false: context only, e.g. "
+                                    f"a tool's output), got keys {sorted(segment)}", row, field_name)
+    if not any(segment.get("train", True) for segment in segments):
+        raise DataError(source, "every segment has train: false; nothing to learn", row, "completion")
+    prompt_ids, first = encode_prompt_completion(tokenizer, prompt, segments[0]["text"], chat_template=chat_template,
+                                                 source=source, row=row)  # first[-1]: the end token (EOS)
+    ids, mask = list(prompt_ids), [int(learn_prompt)] * len(prompt_ids)
+    for segment in segments:
+        piece = tokenizer(segment["text"], add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(segment.get("train", True))] * len(piece)
+    return ids + [first[-1]], mask + [1]
+
+
 def build_sft_examples(rows: list[dict], tokenizer, *, source: str, max_length: int, overlong: str = "error",
                        train_on: str = "completion", chat_template: str = "auto"):
     """Validate and tokenize SFT rows. Returns (examples, LengthStats).
@@ -179,6 +209,9 @@ def _encode_row(row: dict, tokenizer, source: str, index: int, train_on: str, ch
             elif not isinstance(value, list):
                 raise DataError(source, f"expected a string or a message list, got {type(value).__name__}", index,
                                 key)
+        if is_segments(completion):
+            return encode_segments(tokenizer, prompt, completion, chat_template=chat_template, source=source,
+                                   row=index, learn_prompt=train_on == "all")
         prompt_ids, completion_ids = encode_prompt_completion(tokenizer, prompt, completion,
                                                               chat_template=chat_template, source=source, row=index)
         ids = prompt_ids + completion_ids

@@ -3,6 +3,7 @@
     tether demo            # rlvr: cold-start SFT → pass@1/maj@k → GRPO (exact answer + format) → again
     tether demo rlhf       # reward model on gold-labelled pairs → PPO/GRPO vs. the learned reward, β sweep
     tether demo dpo        # DPO on the same preferences; gold reward of SFT, DPO, PPO, GRPO and best-of-N
+    tether demo tools      # 3-digit multiplication: cold-start SFT on calculator traces → GRPO on episodes
     tether demo nash       # non-transitive gold preference: reward model vs preference model, GRPO vs Nash-MD
 """
 
@@ -14,7 +15,7 @@ import importlib
 from tether.runtime.options import parse_args
 
 DEMOS = {"rlvr": "tether.demo.rlvr", "rlhf": "tether.demo.rlhf", "dpo": "tether.demo.rlhf",
-         "nash": "tether.demo.nash"}
+         "nash": "tether.demo.nash", "tools": "tether.demo.tools"}
 
 
 def demo_main(argv: list[str]) -> int:

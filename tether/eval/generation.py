@@ -31,6 +31,7 @@ from tether.data.loading import DataError, load_rows
 from tether.eval.metrics import maj_at_k, pass_at_1_mean, pass_at_k
 from tether.data.chat import encode_prompt
 from tether.rollout import RolloutBatch, SamplingParams
+from tether.rollout.episodes import EpisodeBatch, concat_batches, generate_episodes
 from tether.rollout.factory import shared_sampler
 from tether.rollout.params import SamplingKeys, sampling_params, take_engine_alias
 from tether.runtime import distributed
@@ -56,8 +57,10 @@ def prompts_of(rows: list[dict], source: str = "data") -> list:
 
 
 def sample_rows(model, tokenizer, rows: list[dict], params: SamplingParams, *, batch_size: int = 16,
-                chat_template: str = "auto", engine: str = "builtin", source: str = "data") -> RolloutBatch:
-    """`params.n` completions for the prompt of every row, as one RolloutBatch grouped prompt by prompt.
+                chat_template: str = "auto", engine: str = "builtin", source: str = "data",
+                episodes: dict | None = None) -> RolloutBatch:
+    """`params.n` completions for the prompt of every row, as one RolloutBatch grouped prompt by prompt; with
+    `episodes` ({make_env, max_turns, max_turn_tokens}) multi-turn episodes instead, as one EpisodeBatch.
 
     Prompts are tokenized exactly as SFT tokenizes them (`tether.generate.encode_prompt`: message lists
     through the chat template), `batch_size` prompts per generate call; chunk i samples with seed
@@ -68,14 +71,19 @@ def sample_rows(model, tokenizer, rows: list[dict], params: SamplingParams, *, b
     batches = []
     for chunk, start in enumerate(range(0, len(prompt_ids), batch_size)):
         seed = None if params.seed is None else params.seed + chunk
-        batches.append(sampler.generate(prompt_ids[start:start + batch_size], replace(params, seed=seed)))
+        chunk_params = replace(params, seed=seed)
+        if episodes is None:
+            batches.append(sampler.generate(prompt_ids[start:start + batch_size], chunk_params))
+        else:
+            batches.append(generate_episodes(sampler, prompt_ids[start:start + batch_size],
+                                             rows[start:start + batch_size], params=chunk_params, **episodes))
         log.info("sampled %d/%d prompts × %d", min(start + batch_size, len(prompt_ids)), len(prompt_ids), params.n)
     return concat_batches(batches)
 
 
 def sample_share(model, tokenizer, rows: list[dict], params: SamplingParams, *, batch_size: int = 16,
-                 chat_template: str = "auto", engine: str = "builtin",
-                 source: str = "data") -> tuple[range, RolloutBatch]:
+                 chat_template: str = "auto", engine: str = "builtin", source: str = "data",
+                 episodes: dict | None = None) -> tuple[range, RolloutBatch]:
     """This rank's part of `sample_rows(rows, ...)` under torchrun: whole chunks of `batch_size` prompts
     (`distributed.shard_chunks`), chunk c seeded with `params.seed + c` exactly as one process seeds it, so the
     samples do not depend on the number of ranks. Returns (the rows sampled, their batch, whose prompt_index
@@ -87,23 +95,11 @@ def sample_share(model, tokenizer, rows: list[dict], params: SamplingParams, *, 
     first_chunk = share.start // batch_size
     seed = None if params.seed is None else params.seed + first_chunk
     batch = sample_rows(model, tokenizer, rows[share.start:share.stop], replace(params, seed=seed),
-                        batch_size=batch_size, chat_template=chat_template, engine=engine, source=source)
+                        batch_size=batch_size, chat_template=chat_template, engine=engine, source=source,
+                        episodes=episodes)
     return share, batch
 
 
-def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
-    """One RolloutBatch from consecutive chunks (prompt indices are shifted to stay global)."""
-    offsets = [0]
-    for batch in batches[:-1]:
-        offsets.append(offsets[-1] + len(batch.prompt_ids))
-    return RolloutBatch(
-        prompt_ids=[ids for b in batches for ids in b.prompt_ids],
-        completion_ids=[ids for b in batches for ids in b.completion_ids],
-        completion_logprobs=[lp for b in batches for lp in b.completion_logprobs],
-        finish_reasons=[r for b in batches for r in b.finish_reasons],
-        completions=[c for b in batches for c in b.completions],
-        prompt_index=[i + offset for b, offset in zip(batches, offsets) for i in b.prompt_index],
-    )
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -145,7 +141,7 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
              stop: list[str] = (), max_new_tokens: int = 256,
              rewards=("math",), correct_threshold: float = 1.0, extract: str | None = None,
              batch_size: int = 16, seed: int = 0, chat_template: str = "auto", engine: str = "builtin",
-             keep_samples: bool = False, source: str = "data") -> dict:
+             keep_samples: bool = False, source: str = "data", episodes: dict | None = None) -> dict:
     """Sample `n` completions per row and report pass@k / maj@k for every k in `ks` (default 1 and n),
     pass@1_mean and each reward's mean, std and None count.
 
@@ -155,7 +151,9 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
     `extract` is how maj@k reads answers (default: the math reward's `extract` option, else "auto").
     Returns {"metrics": {"pass@1": ..., "maj@4": ..., "pass@1_mean": ..., "reward/math": ...},
     "rewards": {name: {mean, std, none_count}}, "per_prompt": [...], "num_prompts", "n", "ks", "sampling"}
-    plus "samples" (one dict per completion) when keep_samples.
+    plus "samples" (one dict per completion) when keep_samples. With `episodes` ({make_env, max_turns,
+    max_turn_tokens}) each sample is a multi-turn episode (its text after the prompt is judged), the metrics
+    add the episode/ means (turns, tool calls, tool errors, tool-call rate) and each sample its `episode`.
     """
     from tether.eval.score import reward_summary, score_samples
     from tether.rewards import RewardResult, RewardSet
@@ -179,7 +177,7 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
     # Under torchrun each rank samples whole chunks of prompts (seeded as one process seeds them) and scores them;
     # every rank gets the whole batch and its scores back: the result does not depend on the number of ranks.
     share, mine = sample_share(model, tokenizer, rows, params, batch_size=batch_size, chat_template=chat_template,
-                               engine=engine, source=source)
+                               engine=engine, source=source, episodes=episodes)
     mine_scored = score_samples(reward_set, rows[share.start:share.stop], mine.completions, mine.prompt_index,
                                 completion_lengths=[len(ids) for ids in mine.completion_ids]) if len(share) else None
     batch = concat_batches(distributed.gather_lists([mine]))
@@ -193,6 +191,8 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
     metrics = generation_metrics(grouped_flags, grouped_answers, ks)
     summary = reward_summary(scored)
     metrics.update({f"reward/{name}": stats["mean"] for name, stats in summary.items()})
+    if isinstance(batch, EpisodeBatch):
+        metrics.update(batch.metrics())
     result = {
         "num_prompts": len(rows), "n": n, "ks": ks,
         "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
@@ -210,6 +210,9 @@ def evaluate(model, tokenizer, rows: list[dict], *, n: int = 8, ks: list[int] | 
              "finish_reason": reason}
             for i, (p, text, answer, flag, reason) in enumerate(
                 zip(batch.prompt_index, batch.completions, answers, flags, batch.finish_reasons))]
+        if isinstance(batch, EpisodeBatch):  # turns, tool calls and observations, readable
+            for i, sample in enumerate(result["samples"]):
+                sample["episode"] = batch.episode(i)
     return result
 
 
@@ -264,6 +267,15 @@ class EvalConfig(SamplingKeys):
     """auto, cpu or cuda[:N]."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Model dtype: auto = float32 on CPU, bfloat16 on CUDA."""
+    env: str = ""
+    """Evaluate multi-turn episodes with this environment (calculator | python | calculator+python |
+    path/to/file.py:Class, docs/tools.md): pass@k over episodes. Empty: single completions."""
+    env_options: dict = field(default_factory=dict)
+    """Options of the environment (format: tag | json, the python tool's timeout, ...)."""
+    max_turns: int = 4
+    """Most model turns per episode (with `env`); max_new_tokens bounds the whole episode."""
+    max_turn_tokens: int = 0
+    """Most tokens per model turn (with `env`); 0: only max_new_tokens."""
 
     def validate(self) -> None:
         from tether.config import ConfigError
@@ -273,6 +285,16 @@ class EvalConfig(SamplingKeys):
             raise ConfigError(f"config key 'n': must be >= 1, got {self.n}")
         if any(k < 1 or k > self.n for k in self.k):
             raise ConfigError(f"config key 'k': every k must be in 1..n={self.n}, got {self.k}")
+        if self.env:
+            from tether.envs import get_env
+
+            try:  # checks the name, the format and a user's file now, before the model loads
+                get_env(self.env, **self.env_options)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"config key 'env': {err}") from None
+        if self.max_turns < 1 or self.max_turn_tokens < 0:
+            raise ConfigError("config keys 'max_turns' (>= 1) and 'max_turn_tokens' (>= 0, 0 = no bound): got "
+                              f"{self.max_turns} and {self.max_turn_tokens}")
 
 
 def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
@@ -291,8 +313,18 @@ def evaluate_config(config: EvalConfig, keep_samples: bool = False) -> dict:
                       max_new_tokens=sampling.max_new_tokens, rewards=config.rewards,
                       correct_threshold=config.correct_threshold, batch_size=config.batch_size, seed=sampling.seed,
                       chat_template=config.chat_template, engine=config.rollout_engine, keep_samples=keep_samples,
-                      source=config.data)
+                      source=config.data, episodes=episode_options(config))
     return {"model": config.model, "data": config.data, **result}
+
+
+def episode_options(config: EvalConfig) -> dict | None:
+    """generate_episodes' options for `config.env`, or None for single completions."""
+    if not config.env:
+        return None
+    from tether.envs import get_env
+
+    return {"make_env": get_env(config.env, **config.env_options), "max_turns": config.max_turns,
+            "max_turn_tokens": config.max_turn_tokens}
 
 
 def run_eval(config: EvalConfig) -> Path | None:
@@ -342,6 +374,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--chat-template", choices=["auto", "always", "never"], default=defaults.chat_template)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--env", default="", help="evaluate multi-turn episodes with this environment "
+                                                  "(calculator | python | file.py:Class; docs/tools.md)")
+    parser.add_argument("--max-turns", type=int, default=defaults.max_turns, help="model turns per episode")
+    parser.add_argument("--max-turn-tokens", type=int, default=defaults.max_turn_tokens,
+                        help="tokens per model turn (0: only --max-new-tokens, which bounds the episode)")
     parser.add_argument("--rollout-engine", choices=["builtin", "vllm"], default=defaults.rollout_engine,
                         help="sampling engine, as rollout_engine in the recipes' configs")
     parser.add_argument("--output", default="", help="write the result (with every sample) to this JSON file")
@@ -350,7 +387,8 @@ def main(argv: list[str]) -> int:
         "model": args.model, "data": args.data, "n": args.n, "k": args.k, "temperature": args.temperature,
         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "rewards": args.rewards,
         "correct_threshold": args.correct_threshold, "batch_size": args.batch_size, "seed": args.seed,
-        "chat_template": args.chat_template, "device": args.device, "rollout_engine": args.rollout_engine})
+        "chat_template": args.chat_template, "device": args.device, "rollout_engine": args.rollout_engine,
+        "env": args.env, "max_turns": args.max_turns, "max_turn_tokens": args.max_turn_tokens})
     result = evaluate_config(config, keep_samples=bool(args.output))
     if not distributed.is_main():  # every rank holds the whole result; rank 0 reports it
         return 0

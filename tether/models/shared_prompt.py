@@ -73,7 +73,7 @@ def completion_states(model, batch: dict, *, hidden: bool = False) -> tuple[Tens
     first = torch.empty_like(unique).scatter_(0, inverse.flip(0), torch.arange(n, device=inverse.device).flip(0))
     prompt_mask = attention_mask[first, :P]  # (U, P): one row per distinct prompt
     start = int((prompt_mask.sum(0) == 0).sum())  # leading columns that are padding in every prompt
-    end = P + int(batch["completion_mask"].sum(-1).max())  # past the longest completion: padding only
+    end = P + int(attention_mask[:, P:].sum(-1).max())  # past the longest completion: padding only
     positions = position_ids_from_mask(attention_mask)  # (n, P+C), counted as the plain forward counts them
     keep = {"output_hidden_states": True} if hidden else {}
 
@@ -146,7 +146,8 @@ def _packed_layout(batch: dict):
     prompt_lengths = attention_mask[first, :P].long().sum(-1).tolist()  # (U,) left-padded
     if min(prompt_lengths) == 0:
         return None
-    completion_lengths = batch["completion_mask"].long().sum(-1).tolist()  # (n,) right-padded
+    completion_lengths = attention_mask[:, P:].long().sum(-1).tolist()  # (n,) right-padded (episodes: with
+    # their observation tokens, which completion_mask leaves out)
     prompt_of = inverse.tolist()
     arange = functools.partial(torch.arange, device=input_ids.device)
     tokens, positions, lengths, prefixes, prompt_start = [], [], [], [], []

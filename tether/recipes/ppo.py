@@ -26,7 +26,7 @@ from tether.losses import clipped_policy_loss, entropy_bonus, kl_estimate, value
 from tether.models import unwrap
 from tether.models.forward import completion_forward, critic_values, scoring_pass
 from tether.models.value import RewardScorer, ValueHead, ValueModel, from_causal_lm, load_value_model
-from tether.online import setup_online
+from tether.online import reward_specs, setup_online
 from tether.ops import masked_mean
 from tether.rewards import RewardSet
 from tether.runtime.distributed import explained_variance, global_mean, masked_stats, whiten
@@ -58,7 +58,7 @@ def load_critic_state(state: dict, critic, optimizer, scheduler, guard) -> None:
 
 
 def build_reward_set(config: PPOConfig, device) -> RewardSet:
-    specs = list(config.rewards)
+    specs = reward_specs(config)
     if config.reward_model:
         scorer = RewardScorer(config.reward_model, device=device, chat_template=config.chat_template)
 

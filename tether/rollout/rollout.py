@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from tether.data.batching import derive_seed
-from tether.rollout.prompts import Prompt, PromptStream
 from tether.rollout.engine import RolloutBatch
+from tether.rollout.episodes import EpisodeBatch, EpisodeOptions, concat_batches, generate_episodes, select_rows
+from tether.rollout.prompts import Prompt, PromptStream
 from tether.rollout.params import SamplingParams
 from tether.runtime import distributed
 
@@ -59,14 +60,8 @@ class Rollout:
         """The rollout restricted to the given groups (prompt positions), in that order."""
         G = self.group_size
         rows = [g * G + j for g in groups for j in range(G)]
-        s, r = self.samples, self.scores
-        samples = RolloutBatch(
-            prompt_ids=[s.prompt_ids[g] for g in groups],
-            completion_ids=[s.completion_ids[i] for i in rows],
-            completion_logprobs=[s.completion_logprobs[i] for i in rows],
-            finish_reasons=[s.finish_reasons[i] for i in rows],
-            completions=[s.completions[i] for i in rows],
-            prompt_index=[k for k in range(len(groups)) for _ in range(G)])
+        r = self.scores
+        samples = select_rows(self.samples, groups)  # episodes keep their fields
         per_function = {name: [values[i] for i in rows] for name, values in r.per_function.items()}
         scores = dataclasses.replace(r, total=[r.total[i] for i in rows], per_function=per_function,
                                      none_count={n: sum(v is None for v in vs) for n, vs in per_function.items()})
@@ -76,13 +71,7 @@ class Rollout:
     def concat(rollouts: list["Rollout"]) -> "Rollout":
         first = rollouts[0]
         prompts = [p for r in rollouts for p in r.prompts]
-        samples = RolloutBatch(
-            prompt_ids=[x for r in rollouts for x in r.samples.prompt_ids],
-            completion_ids=[x for r in rollouts for x in r.samples.completion_ids],
-            completion_logprobs=[x for r in rollouts for x in r.samples.completion_logprobs],
-            finish_reasons=[x for r in rollouts for x in r.samples.finish_reasons],
-            completions=[x for r in rollouts for x in r.samples.completions],
-            prompt_index=[k for k in range(len(prompts)) for _ in range(first.group_size)])
+        samples = concat_batches([r.samples for r in rollouts])
         per_function = {name: [x for r in rollouts for x in r.scores.per_function[name]]
                         for name in first.scores.per_function}
         scores = dataclasses.replace(rollouts[-1].scores, total=[x for r in rollouts for x in r.scores.total],
@@ -100,10 +89,18 @@ class Rollout:
         return flags
 
 
-def generate_and_score(sampler, reward_set, prompts: list[Prompt], params: SamplingParams, timer) -> Rollout:
-    """Sample params.n completions per prompt and score every one with the reward functions."""
+def generate_and_score(sampler, reward_set, prompts: list[Prompt], params: SamplingParams, timer,
+                       episodes: EpisodeOptions | None = None) -> Rollout:
+    """Sample params.n completions per prompt (or, with `episodes`, params.n multi-turn episodes: a completion
+    is then the episode's whole text after the prompt) and score every one with the reward functions. An
+    episode's environment rewards reach them as the column `env_rewards` (the `env` reward of tether.envs)."""
     with timer.section("generation"):
-        samples = sampler.generate([p.ids for p in prompts], params)
+        if episodes is None:
+            samples = sampler.generate([p.ids for p in prompts], params)
+        else:
+            samples = generate_episodes(sampler, [p.ids for p in prompts],
+                                        [{"prompt": p.prompt, **p.columns} for p in prompts], episodes.make_env,
+                                        params, max_turns=episodes.max_turns, max_turn_tokens=episodes.max_turn_tokens)
     return score_samples(reward_set, prompts, samples, params.n, timer)
 
 
@@ -116,6 +113,8 @@ def score_samples(reward_set, prompts: list[Prompt], samples: RolloutBatch, grou
         columns = {key: [p.columns[key] for p in rows] for key in (prompts[0].columns if prompts else {})}
         columns["completion_ids"] = samples.completion_ids
         columns["completion_lengths"] = [len(ids) for ids in samples.completion_ids]
+        if isinstance(samples, EpisodeBatch):  # the environments' rewards, for the `env` reward function
+            columns["env_rewards"] = samples.env_rewards
         scores = reward_set([p.prompt for p in rows], samples.completions, **columns, **extra_columns)
     return Rollout(list(prompts), samples, scores, group_size)
 

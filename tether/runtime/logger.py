@@ -137,6 +137,8 @@ class SampleWriter:
                    "length": len(rollout.samples.completion_ids[i])}
             if advantages is not None:
                 row["advantage"] = float(advantages[i])
+            if hasattr(rollout.samples, "episode"):  # an EpisodeBatch: turns, tool calls, observations
+                row["episode"] = rollout.samples.episode(i)
             rows.append(row)
         rows = distributed.gather_lists(rows)
         if self.enabled:
