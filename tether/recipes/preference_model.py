@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tether.config.preference_model import PreferenceModelConfig
-from tether.data.batching import BatchOrder, split_micro_batches
+from tether.data.batching import split_micro_batches
 from tether.data.loading import DataError
 from tether.data.preference import load_pairs
 from tether.data.splits import split_held_out
@@ -54,11 +54,7 @@ def pair_logits(model, pairs, pad_id: int, device) -> torch.Tensor:
 def train(config: PreferenceModelConfig) -> Path:
     """Train a pairwise preference model as configured; returns the `final/` model folder."""
     run = Run(config)
-    model, tokenizer = load_preference_model(config.model, lora=config.lora, seed=config.seed)
-    model.to(run.device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+    model, tokenizer = run.load_model(load_preference_model)
 
     pairs = load_pairs(config, tokenizer, config.data)
     check_pair_lengths(pairs, config.max_length, config.data)
@@ -69,38 +65,29 @@ def train(config: PreferenceModelConfig) -> Path:
         pairs, eval_pairs = split_held_out(pairs, config.eval_fraction, config.seed)
     log.info("preference model: %d training pairs, %d held-out pairs", len(pairs), len(eval_pairs))
 
-    order = BatchOrder(len(pairs), config.batch_size, config.seed)
-    total_steps = config.max_steps if config.max_steps > 0 else order.steps_for(config.epochs)
-    model = run.wrap(model)
-    optimizer, scheduler = run.optimizer(model, total_steps)
-    start_step, _ = run.start(model, tokenizer, optimizer, scheduler, total_steps)
-    micro_size = (config.micro_batch_size or config.batch_size) // distributed.world_size() or 1
+    def held_out() -> dict[str, float]:  # accuracy and calibration on the held-out pairs (the trained, wrapped model)
+        with autocast(run):
+            return evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
 
-    model.train()
-    for step in range(start_step, total_steps):
+    model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(pairs))
+    for step in steps:
         global_batch = order.batch(step)
-        num_pairs = len(global_batch)
-        sums = torch.zeros(1 + len(PAIR_METRICS), device=run.device)  # loss, then each metric, summed over pairs
-        for micro in split_micro_batches(distributed.shard(global_batch), micro_size):
-            with autocast(run):
-                logits = pair_logits(model, [pairs[i] for i in micro], tokenizer.pad_token_id, run.device)
-            loss, metrics = preference_model_loss(logits)  # mean over `micro`
-            (loss * len(micro) / num_pairs * distributed.world_size()).backward()
-            sums += torch.stack([loss.detach()] + [metrics[k] for k in PAIR_METRICS]).float() * len(micro)
-        grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
-        means = distributed.all_reduce_sum(sums) / num_pairs
-        metrics = {"loss": means[0], **dict(zip(PAIR_METRICS, means[1:])), "grad_norm": grad_norm}
-        if eval_pairs and config.eval_steps and (step + 1) % config.eval_steps == 0:
-            with autocast(run):
-                result = evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
-            metrics.update({f"eval_{k}": v for k, v in result.items() if k != "num_pairs"})
+
+        def loss_fn(micro):  # the pairwise preference loss on this micro-batch, a mean over `micro`
+            return preference_model_loss(pair_logits(model, [pairs[i] for i in micro], tokenizer.pad_token_id,
+                                                     run.device))
+
+        metrics = run.accumulate_step(model, optimizer, scheduler,
+                                      split_micro_batches(distributed.shard(global_batch), micro_size), loss_fn,
+                                      len(global_batch), PAIR_METRICS)
+        if eval_pairs and run.eval_due(step + 1):
+            metrics.update({f"eval_{k}": v for k, v in held_out().items() if k != "num_pairs"})
         tokens = sum(2 * (len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids))
                      for i in global_batch)
         run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=tokens)
 
     if eval_pairs:
-        with autocast(run):
-            result = evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
+        result = held_out()
         log.info("held-out pairs: accuracy %.4f, mean P(chosen ≻ rejected) %.4f", result["accuracy"],
                  result["prob_chosen"])
         if run.main:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,33 +56,30 @@ def train(config: RewardModelConfig) -> Path:
 
     model, order, optimizer, scheduler, steps, micro_size = run.setup_offline(model, tokenizer, len(pairs))
 
+    def held_out() -> dict[str, float]:
+        with autocast(run):
+            return evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
+
     for step in steps:
         global_batch = order.batch(step)
-        num_pairs = len(global_batch)
-        sums = torch.zeros(1 + len(PAIR_METRICS), device=run.device)  # loss, then each metric, summed over pairs
-        for micro in split_micro_batches(distributed.shard(global_batch), micro_size):
-            with autocast(run):
-                chosen, rejected, margin = pair_rewards(model, [pairs[i] for i in micro], tokenizer.pad_token_id,
-                                                        run.device)
-            loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin if use_margin else None,
-                                               center_coef=config.center_rewards_coef)  # mean over `micro`
-            # Weight the micro-batch mean to its share of the global-batch mean; DDP averages over ranks.
-            (loss * len(micro) / num_pairs * distributed.world_size()).backward()
-            sums += torch.stack([loss.detach()] + [metrics[k] for k in PAIR_METRICS]).float() * len(micro)
-        grad_norm, _ = run.guard.step(model, optimizer, scheduler, config.max_grad_norm)
-        means = distributed.all_reduce_sum(sums) / num_pairs
-        metrics = {"loss": means[0], **dict(zip(PAIR_METRICS, means[1:])), "grad_norm": grad_norm}
-        if eval_pairs and config.eval_steps and (step + 1) % config.eval_steps == 0:
-            with autocast(run):
-                result = evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
-            metrics.update({f"eval_{k}": v for k, v in result.items() if k != "num_pairs"})
+
+        def loss_fn(micro):  # Bradley-Terry on this micro-batch of pairs, a mean over `micro`
+            chosen, rejected, margin = pair_rewards(model, [pairs[i] for i in micro], tokenizer.pad_token_id,
+                                                    run.device)
+            return bradley_terry_loss(chosen, rejected, margin=margin if use_margin else None,
+                                      center_coef=config.center_rewards_coef)
+
+        metrics = run.accumulate_step(model, optimizer, scheduler,
+                                      split_micro_batches(distributed.shard(global_batch), micro_size), loss_fn,
+                                      len(global_batch), PAIR_METRICS)
+        if eval_pairs and run.eval_due(step + 1):
+            metrics.update({f"eval_{k}": v for k, v in held_out().items() if k != "num_pairs"})
         tokens = sum(2 * len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
                      for i in global_batch)
         run.end_step(step + 1, metrics, model=model, tokenizer=tokenizer, tokens=tokens)
 
     if eval_pairs:
-        with autocast(run):
-            result = evaluate_pairs(model, eval_pairs, tokenizer.pad_token_id, micro_size, run.device)
+        result = held_out()
         log.info("held-out pairs: accuracy %.4f, mean margin %.4f", result["accuracy"], result["margin"])
         if run.main:
             (run.dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -112,6 +112,26 @@ class Run:
         model.train()
         return OfflineSetup(model, order, optimizer, scheduler, range(start_step, total_steps), micro_size)
 
+    def accumulate_step(self, model, optimizer, scheduler, micro_batches, loss_fn, total: int,
+                        metric_names: tuple[str, ...]) -> dict:
+        """One optimizer step over this rank's micro-batches of a global batch of `total` examples (rm, pm):
+        `loss_fn(micro) -> (loss, metrics)`, each a mean over `micro`, is weighted to its share of the global mean
+        (DDP averages gradients over ranks). Returns the global-batch means of the loss and of `metric_names`,
+        and the gradient norm."""
+        sums = torch.zeros(1 + len(metric_names), device=self.device)  # loss, then each metric, summed over examples
+        for micro in micro_batches:
+            with autocast(self):
+                loss, metrics = loss_fn(micro)  # means over `micro`
+            (loss * len(micro) / total * distributed.world_size()).backward()
+            sums += torch.stack([loss.detach()] + [metrics[k] for k in metric_names]).float() * len(micro)
+        grad_norm, _ = self.guard.step(model, optimizer, scheduler, self.config.max_grad_norm)
+        means = distributed.all_reduce_sum(sums) / total
+        return {"loss": means[0], **dict(zip(metric_names, means[1:])), "grad_norm": grad_norm}
+
+    def eval_due(self, step: int) -> bool:
+        """Whether step `step` (1-based, just finished) ends with an evaluation: every `eval_steps` steps."""
+        return bool(self.config.eval_steps) and step % self.config.eval_steps == 0
+
     @property
     def checkpoint_dir(self) -> Path:
         return self.dir / "checkpoints"
