@@ -3,7 +3,7 @@
     tether demo            # rlvr: cold-start SFT → pass@1/maj@k → GRPO (exact answer + format) → again
     tether demo rlhf       # reward model on gold-labelled pairs → PPO/GRPO vs. the learned reward, β sweep
     tether demo dpo        # DPO on the same preferences; gold reward of SFT, DPO, PPO, GRPO and best-of-N
-    tether demo tools      # 3-digit multiplication: cold-start SFT on calculator traces → GRPO on episodes
+    tether demo tools      # multiplication with a calculator tool: cold-start SFT → GRPO on episodes learns to call it
     tether demo nash       # non-transitive gold preference: reward model vs preference model, GRPO vs Nash-MD
 """
 

@@ -2,14 +2,15 @@
 reliably in its head.
 
 1. make a multiplication task (a × b, 2 <= a <= 9, 10 <= b <= 99) with a held-out split no training row touches;
-2. cold-start SFT on a few traces, most calling the calculator
-   `<calculator>a*b</calculator>` → `<output>p</output>` → `<answer>p</answer>`, some answering directly
-   `<answer>p</answer>` (a guess the model cannot compute), one in four; the calculator's output is context
-   only (an SFT segment with `train: false`), as the observation tokens are in the RL episodes;
+2. cold-start SFT on traces of which one in four calls the calculator
+   `<calculator>a*b</calculator>` → `<output>p</output>` → `<answer>p</answer>` and the rest answer directly
+   `<answer>p</answer>` (a product the model cannot compute); the calculator's output is context only (an SFT
+   segment with `train: false`), as the observation tokens are in the RL episodes. The model leaves SFT calling
+   the tool about as often as its traces did (~1 in 4) and copying its output well when it does;
 3. evaluate held-out accuracy with the calculator (episodes) and without it (one completion), and the
-   tool-call rate;
+   tool-call rate, sampling 4 episodes per problem at temperature 1 (the policy GRPO trains);
 4. GRPO on episodes with the calculator (`env: calculator`; only the model's own tokens carry loss),
-   rewarded by the exact answer;
+   rewarded by the exact answer: episodes that call the tool score, guesses do not, so the policy learns to call it;
 5. evaluate again; write summary.json and report.html.
 """
 
@@ -36,7 +37,7 @@ REWARDS = [{"name": "math", "weight": 1.0, "extract": "answer_tag"}]
 MAX_TURNS = 3
 MAX_NEW_TOKENS = 80
 MAX_TURN_TOKENS = 40
-GRPO_TEMPERATURE = 1.0  # 0.7 with lr 5e-4 (30 steps) lost accuracy: 0.22 -> 0.14 (docs/tools.md)
+GRPO_TEMPERATURE = 1.0
 
 
 @dataclass
@@ -50,16 +51,19 @@ class Size:
     group_size: int
     grpo_lr: float
     eval_n: int         # samples per held-out problem (greedy when 1, else temperature 1)
-    direct_every: int = 4  # every k-th SFT trace answers directly (no tool): the rest call the calculator
+    tool_share: float = 0.25  # share of the SFT traces that call the calculator (the rest answer directly)
     mask_tool_output: bool = True  # cold start: the calculator's output is context only (train: false)
     model: str = "tiny:reasoning_tags=1"
 
 
 SIZES = {
-    "default": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=40, prompts_per_step=16,
-                    group_size=8, grpo_lr=2e-4, eval_n=1),
-    "small": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=300, grpo_steps=8, prompts_per_step=16,
-                  group_size=8, grpo_lr=2e-4, eval_n=1),
+    # Measured over seeds 0 / 1 / 2 (docs/tools.md): held-out accuracy with the calculator 0.34 / 0.27 / 0.17 after
+    # SFT -> 0.77 / 0.85 / 0.35 after GRPO, tool-call rate 0.21 / 0.27 / 0.25 -> 0.90 / 0.97 / 0.71; ~170 s.
+    "default": Size(n_sft=500, n_rl=120, n_test=100, sft_steps=1000, grpo_steps=40, prompts_per_step=16,
+                    group_size=8, grpo_lr=2e-4, eval_n=4),
+    # A smoke run of every stage (seconds): too short to learn to copy the tool's output, no claim.
+    "small": Size(n_sft=500, n_rl=120, n_test=50, sft_steps=100, grpo_steps=4, prompts_per_step=8,
+                  group_size=4, grpo_lr=2e-4, eval_n=1),
 }
 
 
@@ -84,6 +88,11 @@ def trace(row: dict, with_tool: bool, mask_tool_output: bool = False) -> str | l
                 {"text": f"<output>{row['answer']}</output>", "train": not mask_tool_output},
                 {"text": f"<answer>{row['answer']}</answer>"}]
     return segments if mask_tool_output else "".join(segment["text"] for segment in segments)
+
+
+def calls_tool(i: int, share: float) -> bool:
+    """Whether the i-th cold-start trace calls the calculator: spread evenly, `share` of the traces in all."""
+    return int((i + 1) * share) > int(i * share)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -126,12 +135,12 @@ def run(output_dir: str, *, seed: int = 0, size: str = "default", **_) -> dict:
     train_rows, test_rows = multiplication_split(s.n_sft + s.n_rl, s.n_test, seed)
     sft_rows = train_rows[:s.n_sft]
     sft_data = write_jsonl(out / "sft.jsonl", [
-        {"prompt": r["prompt"], "completion": trace(r, i % s.direct_every != 0, s.mask_tool_output)}
+        {"prompt": r["prompt"], "completion": trace(r, calls_tool(i, s.tool_share), s.mask_tool_output)}
         for i, r in enumerate(sft_rows)])
     rl_data = write_jsonl(out / "rl_prompts.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]}
                                                      for r in train_rows])
 
-    print(f"[1/4] cold-start SFT on {s.n_sft} traces, 1 in {s.direct_every} answering without the calculator ({s.sft_steps} steps)")
+    print(f"[1/4] cold-start SFT on {s.n_sft} traces, {s.tool_share:.0%} calling the calculator ({s.sft_steps} steps)")
     sft_final = sft.train(load_config(sft.SFTConfig, None, {
         "model": s.model, "data": sft_data, "output_dir": str(out / "sft"), "max_steps": s.sft_steps,
         "batch_size": 32, "learning_rate": 3e-3, "warmup_steps": 10, "max_length": 96, "seed": seed,
