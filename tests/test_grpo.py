@@ -125,7 +125,7 @@ def test_kl_penalty_bounds_drift_from_reference(prompts_file, tmp_path):
 # ----------------------------------------------------------------------------- resume, edge cases
 
 
-def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(prompts_file, tmp_path, crash_after_step):
     """Kill after step 2 (checkpointed) and resume to step 4: weights are bitwise those of a run that was
     never interrupted, and every metric (the rewards' cumulative counters too) and samples.jsonl are equal
     except timing. Exercises the prompt cursor
@@ -136,22 +136,7 @@ def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
                # math (weight 0) only counts: its cumulative counters must go on from the checkpoint's
                f"rewards=[{{name: '{__file__}:digit_fraction'}}, {{name: math, weight: 0}}]"]
     straight = grpo.train(make_config(prompts_file, tmp_path / "straight", *options))
-
-    class Killed(Exception):
-        pass
-
-    original = grpo.Run.end_step
-
-    def end_step_then_die(self, step, *args, **kwargs):
-        row = original(self, step, *args, **kwargs)
-        if step == 2:
-            raise Killed
-        return row
-
-    monkeypatch.setattr(grpo.Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        grpo.train(make_config(prompts_file, tmp_path / "resumed", *options))
-    monkeypatch.setattr(grpo.Run, "end_step", original)
+    crash_after_step(lambda: grpo.train(make_config(prompts_file, tmp_path / "resumed", *options)), 2)
     resumed = grpo.train(make_config(prompts_file, tmp_path / "resumed", *options, "resume=true"))
 
     a, _ = models.load(str(straight))

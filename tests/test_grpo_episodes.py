@@ -51,25 +51,10 @@ def make_config(prompts_file, output_dir, *overrides) -> GRPOConfig:
         "max_completion_length=24", "learning_rate=1e-2", "lr_scheduler=constant", *overrides])
 
 
-def test_resume_on_episodes_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
+def test_resume_on_episodes_equals_uninterrupted(prompts_file, tmp_path, crash_after_step):
     options = ["max_steps=3", "save_steps=1", "sample_steps=1", "ppo_epochs=2", "num_minibatches=2"]
     straight = grpo.train(make_config(prompts_file, tmp_path / "straight", *options))
-
-    class Killed(Exception):
-        pass
-
-    original = grpo.Run.end_step
-
-    def end_step_then_die(self, step, *args, **kwargs):
-        row = original(self, step, *args, **kwargs)
-        if step == 1:
-            raise Killed
-        return row
-
-    monkeypatch.setattr(grpo.Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        grpo.train(make_config(prompts_file, tmp_path / "resumed", *options))
-    monkeypatch.setattr(grpo.Run, "end_step", original)
+    crash_after_step(lambda: grpo.train(make_config(prompts_file, tmp_path / "resumed", *options)), 1)
     resumed = grpo.train(make_config(prompts_file, tmp_path / "resumed", *options, "resume=true"))
 
     a, _ = models.load(str(straight))

@@ -107,7 +107,7 @@ def test_self_play_rewards_average_one_half_exactly(tmp_path, preference_folder)
     assert 0 < json.loads((tmp_path / "m" / "eval.json").read_text())["eval/preference_model/mean"] < 1
 
 
-def test_mixture_pool_is_checkpointed_and_resume_equals_uninterrupted(tmp_path, preference_folder, monkeypatch):
+def test_mixture_pool_is_checkpointed_and_resume_equals_uninterrupted(tmp_path, preference_folder, crash_after_step):
     """opponent=mixture: the pool of past policies (π_0 and a snapshot every step) is saved in the checkpoint,
     so a run killed after step 2 and resumed to step 4 has bitwise the weights and metrics of a run never
     interrupted. Without the pool in the checkpoint the resumed step 3 would play π_0 (the only policy left)
@@ -125,22 +125,7 @@ def test_mixture_pool_is_checkpointed_and_resume_equals_uninterrupted(tmp_path, 
     config = lambda name, **more: load_config(nash.NashConfig, None, {**keys, "output_dir": str(tmp_path / name),
                                                                       **more})  # noqa: E731
     straight = nash.train(config("straight"))
-
-    class Killed(Exception):
-        pass
-
-    original = nash.Run.end_step
-
-    def end_step_then_die(self, step, *args, **kwargs):
-        row = original(self, step, *args, **kwargs)
-        if step == 2:
-            raise Killed
-        return row
-
-    monkeypatch.setattr(nash.Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        nash.train(config("resumed"))
-    monkeypatch.setattr(nash.Run, "end_step", original)
+    crash_after_step(lambda: nash.train(config("resumed")), 2)
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "step-2" / STATE_FILE, weights_only=True)
     assert len(state["extra"]["opponent"]["pool"]) == 3  # π_0, π_1, π_2
     resumed = nash.train(config("resumed", resume=True))

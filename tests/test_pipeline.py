@@ -9,7 +9,6 @@ from tether.config import ConfigError
 from tether.pipeline import pipeline_main, plan, read_pipeline, run_pipeline
 from tether.recipes import sft
 from tether.runtime.checkpoint import complete_checkpoints
-from tether.runtime.run import Run
 
 SMALL = "tiny:hidden_size=32,intermediate_size=64,num_hidden_layers=1"
 PAIRS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack"}
@@ -55,39 +54,28 @@ def test_references_resolve_and_errors_stop_before_any_work(tmp_path):
         plan(*read_pipeline(path))
 
 
-def test_interrupted_pipeline_skips_finished_stages_and_resumes_the_running_one(tmp_path, monkeypatch):
+def test_interrupted_pipeline_skips_finished_stages_and_resumes_the_running_one(tmp_path, monkeypatch, crash_after_step):
     path, data = write_recipe(tmp_path, [
         {"name": "warmup", "recipe": "sft", "model": SMALL, "data": "DATA", "max_steps": 3, "batch_size": 4},
         {"name": "polish", "recipe": "sft", "model": "@warmup", "data": "DATA", "max_steps": 4, "batch_size": 2,
          "save_steps": 2}])
     path.write_text(path.read_text().replace("DATA", data))
     calls = []
-    original_train, original_end_step = sft.train, Run.end_step
+    original_train = sft.train
 
     def counting_train(config):
         calls.append((Path(config.output_dir).name, config.resume))
         return original_train(config)
 
-    class Killed(Exception):
-        pass
-
-    def die_in_polish_after_step_2(self, step, *args, **kwargs):
-        row = original_end_step(self, step, *args, **kwargs)
-        if self.dir.name == "polish" and step == 2:
-            raise Killed  # the process dies right after polish's step-2 checkpoint
-        return row
-
     monkeypatch.setattr(sft, "train", counting_train)
-    monkeypatch.setattr(Run, "end_step", die_in_polish_after_step_2)
-    with pytest.raises(Killed):
-        pipeline_main([str(path)])
+    # the process dies right after polish's step-2 checkpoint
+    crash_after_step(lambda: pipeline_main([str(path)]), 2, where=lambda run: run.dir.name == "polish")
     run = tmp_path / "run"
     assert (run / "warmup" / "DONE").exists() and not (run / "polish" / "DONE").exists()
     assert [p.name for p in complete_checkpoints(run / "polish" / "checkpoints")] == ["step-2"]
     warmup_weights = run / "warmup" / "final" / "model.safetensors"
     mtime = warmup_weights.stat().st_mtime_ns
 
-    monkeypatch.setattr(Run, "end_step", original_end_step)
     assert pipeline_main([str(path)]) == 0
     assert calls == [("warmup", False), ("polish", False), ("polish", True)]  # warmup ran once; polish resumed
     assert warmup_weights.stat().st_mtime_ns == mtime

@@ -79,28 +79,13 @@ def test_adaptive_kl_controller_moves_beta_by_its_rule(prompts_file, tmp_path, m
     assert len({row["kl_coef"] for row in rows}) > 1
 
 
-def test_resume_equals_uninterrupted(prompts_file, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(prompts_file, tmp_path, crash_after_step):
     """Kill after the step-2 checkpoint, resume to step 4: policy weights bitwise equal, the separate critic
     restored (its values, hence every later metric, equal), metrics equal except timing."""
     options = ["max_steps=4", "save_steps=2", "ppo_epochs=2", "num_minibatches=2", "batch_size=8",
                "kl_controller=adaptive_simple", "kl_target=0.5", "group_size=2"]
     straight = ppo.train(make_config(prompts_file, tmp_path / "straight", *options))
-
-    class Killed(Exception):
-        pass
-
-    original = ppo.Run.end_step
-
-    def end_step_then_die(self, step, *args, **kwargs):
-        row = original(self, step, *args, **kwargs)
-        if step == 2:
-            raise Killed
-        return row
-
-    monkeypatch.setattr(ppo.Run, "end_step", end_step_then_die)
-    with pytest.raises(Killed):
-        ppo.train(make_config(prompts_file, tmp_path / "resumed", *options))
-    monkeypatch.setattr(ppo.Run, "end_step", original)
+    crash_after_step(lambda: ppo.train(make_config(prompts_file, tmp_path / "resumed", *options)), 2)
     resumed = ppo.train(make_config(prompts_file, tmp_path / "resumed", *options, "resume=true"))
 
     a, _ = models.load(str(straight))

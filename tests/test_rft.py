@@ -81,30 +81,15 @@ def test_rft_config_needs_a_filter():
         load_config(rft.RFTConfig, None, {"data": "x.jsonl", "rewards": ["math"]})
 
 
-def test_rft_resume_skips_finished_rounds_and_resumes_the_round_sft(tmp_path, monkeypatch):
-    from tether.runtime.run import Run
-
+def test_rft_resume_skips_finished_rounds_and_resumes_the_round_sft(tmp_path, crash_after_step):
     (tmp_path / "reward.py").write_text(REWARD)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{w}:"}) + "\n" for w in ["ab", "cd"]))
     keys = {"model": SMALL, "data": str(data), "output_dir": str(tmp_path / "rft"), "rounds": 2, "top_k": 2,
             "sampling": {"n": 4, "max_new_tokens": 8}, "rewards": [{"name": f"{tmp_path}/reward.py:letters"}],
             "max_steps": 4, "save_steps": 2, "batch_size": 2, "progress": False, "report_to": []}
-    original = Run.end_step
-
-    class Killed(Exception):
-        pass
-
-    def die_in_round_2(self, step, *args, **kwargs):
-        row = original(self, step, *args, **kwargs)
-        if self.dir.parent.name == "round-2" and step == 2:
-            raise Killed
-        return row
-
-    monkeypatch.setattr(Run, "end_step", die_in_round_2)
-    with pytest.raises(Killed):
-        rft.train(load_config(rft.RFTConfig, None, keys))
-    monkeypatch.setattr(Run, "end_step", original)
+    crash_after_step(lambda: rft.train(load_config(rft.RFTConfig, None, keys)), 2,
+                     where=lambda run: run.dir.parent.name == "round-2")
     round_1 = tmp_path / "rft" / "round-1"
     stamps = {p.name: p.stat().st_mtime_ns for p in [round_1 / "samples.jsonl", round_1 / "sft/final/model.safetensors",
                                                      tmp_path / "rft/round-2/kept.jsonl"]}
