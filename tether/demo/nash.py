@@ -30,7 +30,7 @@ import torch
 from tether import models
 from tether.config import load_config
 from tether.data.preference import read_preference_rows
-from tether.demo.report import metric_series, plot_series, print_table, write_html
+from tether.demo.report import metric_series, plot_series, print_table, write_html, write_jsonl
 from tether.eval.preference_model import pairwise_results
 from tether.generate import encode_prompt
 from tether.models.preference import PreferenceScorer
@@ -90,7 +90,6 @@ def gold_preference(first: str, second: str) -> float:
 
 def gold_matrix() -> torch.Tensor:
     """P_gold[i, j] = P(style i ≻ style j) over STYLES + [OTHER], (4, 4)."""
-    names = STYLES + [OTHER]
     answers = [f" {s}." for s in STYLES] + [" ???"]
     return torch.tensor([[gold_preference(answers[i], answers[j]) for j in range(4)] for i in range(4)],
                         dtype=torch.float64)
@@ -114,11 +113,6 @@ def pair_rows(n: int, seed: int) -> list[dict]:
 def cycle_rows() -> list[dict]:
     """Each match-up once per prompt: a balanced cycle (a scalar ranking gets at most 2/3 of it)."""
     return [{"prompt": p, "chosen": f" {w}.", "rejected": f" {l}."} for p in PROMPTS for w, l in BEATS.items()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- judging

@@ -7,6 +7,12 @@ import json
 from pathlib import Path
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Write rows as JSON lines; returns the path as a string (for a config's `data` key)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -27,7 +27,7 @@ import torch
 
 from tether import models
 from tether.config import load_config
-from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html
+from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html, write_jsonl
 from tether.demo.tasks import (TOPICS, demonstration_rows, gold_reward, is_well_formed, preference_rows,
                                topic_prompt)
 from tether.data.chat import encode_prompt
@@ -75,11 +75,6 @@ SIZES = {
                   sweep=(("ppo", 0.05), ("grpo", 0.05), ("grpo", 0.0)), beta=0.05, dpo_beta=0.5, dpo_steps=40,
                   best_of_n=8, eval_samples=16, checkpoints=12, ppo_warmup_steps=4, ppo_lr=3e-4),
 }
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- judging a policy

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tether import models
 from tether.config import load_config
-from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html
+from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html, write_jsonl
 from tether.demo.tasks import arithmetic_split
 from tether.eval.generation import evaluate
 from tether.recipes import grpo, sft
@@ -49,11 +49,6 @@ SIZES = {
 }
 MAX_OPERAND = 19
 MAX_NEW_TOKENS = 40
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def held_out_eval(folder: Path, test_rows: list[dict], size: Size, seed: int) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from tether import models
 from tether.config import load_config
-from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html
+from tether.demo.report import metric_series, plot_series, print_table, read_jsonl, write_html, write_jsonl
 from tether.envs import get_env
 from tether.recipes import grpo, sft
 from tether.rewards import RewardSet
@@ -93,11 +93,6 @@ def trace(row: dict, with_tool: bool, mask_tool_output: bool = False) -> str | l
 def calls_tool(i: int, share: float) -> bool:
     """Whether the i-th cold-start trace calls the calculator: spread evenly, `share` of the traces in all."""
     return int((i + 1) * share) > int(i * share)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @torch.no_grad()
